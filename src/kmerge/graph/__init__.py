@@ -1,0 +1,1 @@
+"""Output-space merges: build a new Keras graph from whole models."""

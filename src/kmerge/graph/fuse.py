@@ -1,0 +1,142 @@
+"""Feature-level fusion: tap intermediate layers of each model, align, fuse, add a head."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+
+from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
+from kmerge.graph.build import (
+    GraphBuilder,
+    check_adapter_mode,
+    frozen_names,
+    named_models,
+    shape_of,
+)
+from kmerge.graph.heads import apply_head, describe_head
+from kmerge.graph.parallel import combine_branches
+
+_POOL = {
+    "avg": {1: keras.layers.GlobalAveragePooling1D, 2: keras.layers.GlobalAveragePooling2D,
+            3: keras.layers.GlobalAveragePooling3D},
+    "max": {1: keras.layers.GlobalMaxPooling1D, 2: keras.layers.GlobalMaxPooling2D,
+            3: keras.layers.GlobalMaxPooling3D},
+}
+POOLINGS = ("auto", "avg", "max", "none")
+
+
+def _split_taps(taps: Any) -> tuple[dict, dict[str, list]]:
+    if not isinstance(taps, Mapping) or not taps:
+        raise InvalidArgumentError(
+            "fuse takes {name: (model, layer)} or {name: (model, [layer, ...])}, got "
+            f"{type(taps).__name__}"
+        )
+    models, refs = {}, {}
+    for n, value in taps.items():
+        if not isinstance(value, tuple | list) or len(value) != 2:
+            raise InvalidArgumentError(
+                f"tap {n!r} must be a pair (model, layer_ref) or (model, [refs]), got {value!r}"
+            )
+        model, ref = value
+        ref_list = list(ref) if isinstance(ref, list | tuple) else [ref]
+        if not ref_list:
+            raise InvalidArgumentError(f"tap {n!r} names no layer")
+        models[n], refs[n] = model, ref_list
+    return models, refs
+
+
+def _align(builder: GraphBuilder, feats: dict[str, Any], pooling: str) -> dict[str, Any]:
+    """Bring every tapped feature to a shape the combine op can take."""
+    out = {}
+    if pooling == "none":
+        maps = {k: t for k, t in feats.items() if len(t.shape) == 4}
+        if maps and len(maps) != len(feats):
+            others = sorted(set(feats) - set(maps))
+            raise IncompatibleModelsError(
+                f"pooling='none' keeps feature maps, but taps {others} are not 2-D maps; "
+                "use pooling='auto' (global pooling) or tap feature maps only"
+            )
+        if maps:
+            h = min(t.shape[1] for t in maps.values())
+            w = min(t.shape[2] for t in maps.values())
+            for k, t in feats.items():
+                if (t.shape[1], t.shape[2]) != (h, w):
+                    layer = keras.layers.Resizing(h, w, name=f"fuse_resize_{k}")
+                    builder.adapters.append({"where": k, "kind": "resize", "trainable": False,
+                                             "step": f"resize {shape_of(t)} -> ({h}, {w})"})
+                    t = layer(t)
+                out[k] = t
+            return out
+        return dict(feats)
+    kind = "avg" if pooling == "auto" else pooling
+    for k, t in feats.items():
+        rank = len(t.shape) - 2
+        if rank >= 1:
+            t = _POOL[kind][rank](name=f"fuse_pool_{k}")(t)
+        out[k] = t
+    return out
+
+
+def fuse(
+    taps: Any,
+    *,
+    combine: str = "concat",
+    head: Any = None,
+    pooling: str = "auto",
+    freeze: Any = True,
+    share_inputs: bool = True,
+    adapter: str = "none",
+    weights=None,
+    name: str | None = None,
+    verify: bool = True,
+    dry_run: bool = False,
+):
+    """Fuse intermediate features of several models and put a head on them.
+
+    Args:
+        taps: ``{name: (model, layer_ref)}`` or ``{name: (model, [ref, ...])}``; a ref is
+            a layer name, an index, or a nested path like ``"block_1/conv"``.
+        combine: How to fuse the aligned features (see :func:`kmerge.parallel`).
+        head: The head on the fused features; None returns the features.
+        pooling: ``"auto"``/``"avg"``/``"max"`` pool spatial and sequence features to
+            vectors; ``"none"`` resizes feature maps to the smallest common grid.
+        freeze: ``True``, ``False``, or a set of source names to freeze.
+        share_inputs: As in :func:`kmerge.parallel`.
+        adapter: ``"auto"`` projects unequal shapes for element-wise combine ops.
+        weights: Fixed weights for ``combine="weighted"``, one per tap.
+        name: Name of the merged model.
+        verify: Check after building that each source is reproduced bit-exactly.
+        dry_run: Return a printable plan instead of a model.
+
+    >>> m = kmerge.fuse({"a": (a, "conv_2"), "b": (b, ["dense_1", "dense_2"])},
+    ...                 head=kmerge.heads.classifier(10))
+    """
+    from kmerge.graph.parallel import check_weights
+
+    mode = check_adapter_mode(adapter)
+    if pooling not in POOLINGS:
+        raise InvalidArgumentError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    models, refs = _split_taps(taps)
+    sources = named_models(models, minimum=1, what="fuse")
+    n_feats = sum(len(r) for r in refs.values())
+    if n_feats < 2:
+        raise InvalidArgumentError("fuse needs at least two taps in all (one model, two layers is fine)")
+    fixed = check_weights(weights, n_feats, op=combine)
+    builder = GraphBuilder("fuse", sources, frozen_names(freeze, sources), name=name,
+                           dry_run=dry_run)
+    inputs = builder.inputs_for(list(sources), share=share_inputs)
+    feats = {}
+    for n in sources:
+        r = builder.add_source(n, inputs[n])
+        r.uses = ", ".join(str(ref) for ref in refs[n])
+        for ref in refs[n]:
+            key = n if len(refs[n]) == 1 else f"{n}_{str(ref).replace('/', '_').replace('@', '_')}"
+            feats[key] = r.tap(ref)
+            r.taps.append((ref, feats[key]))
+    feats = _align(builder, feats, pooling)
+    x = combine_branches(builder, feats, combine=combine, adapter=mode, weights=fixed)
+    builder.head = describe_head(head)
+    x = apply_head(head, x, name="head")
+    return builder.finish(x, verify=verify)

@@ -1,0 +1,93 @@
+"""Heads: the trainable layers on top of a merge.
+
+A head is anything callable on a tensor: kmerge's own :func:`classifier` and
+:func:`regressor` (which create fresh layers, named after the merge, each time they are
+applied), or any Keras layer or model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import keras
+
+from kmerge.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class Head:
+    """A head recipe: hidden Dense layers, dropout, and an output layer."""
+
+    units: int
+    activation: str | None
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
+    hidden_activation: str = "relu"
+
+    def __call__(self, tensor, *, name: str = "head"):
+        x = tensor
+        if len(x.shape) > 2:
+            x = keras.layers.Flatten(name=f"{name}_flatten")(x)
+        for i, width in enumerate(self.hidden):
+            x = keras.layers.Dense(width, activation=self.hidden_activation,
+                                   name=f"{name}_dense_{i}")(x)
+            if self.dropout:
+                x = keras.layers.Dropout(self.dropout, name=f"{name}_dropout_{i}")(x)
+        return keras.layers.Dense(self.units, activation=self.activation, name=f"{name}_output")(x)
+
+    def describe(self) -> str:
+        parts = [f"Dense({w}, {self.hidden_activation})" for w in self.hidden]
+        parts.append(f"Dense({self.units}, {self.activation or 'linear'})")
+        return " -> ".join(parts)
+
+
+def _check(units: int, hidden: Sequence[int], dropout: float, what: str) -> tuple[int, ...]:
+    if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+        raise InvalidArgumentError(f"{what} needs a positive integer size, got {units!r}")
+    hidden = tuple(hidden)
+    if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise InvalidArgumentError(f"{what}: hidden sizes must be positive integers, got {hidden}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise InvalidArgumentError(f"{what}: dropout must be in [0, 1), got {dropout}")
+    return hidden
+
+
+def classifier(n_classes: int, *, hidden: Sequence[int] = (), dropout: float = 0.0) -> Head:
+    """A softmax classifier head (``sigmoid`` for ``n_classes=1``).
+
+    >>> head = classifier(10, hidden=[64])
+    """
+    hidden = _check(n_classes, hidden, dropout, "classifier")
+    return Head(n_classes, "sigmoid" if n_classes == 1 else "softmax", hidden, float(dropout))
+
+
+def regressor(n_outputs: int = 1, *, hidden: Sequence[int] = (), dropout: float = 0.0) -> Head:
+    """A linear regression head.
+
+    >>> head = regressor(1, hidden=[32])
+    """
+    hidden = _check(n_outputs, hidden, dropout, "regressor")
+    return Head(n_outputs, None, hidden, float(dropout))
+
+
+def apply_head(head, tensor, *, name: str):
+    """Apply a kmerge :class:`Head`, or any Keras layer/model, to ``tensor``."""
+    if head is None:
+        return tensor
+    if isinstance(head, Head):
+        return head(tensor, name=name)
+    if isinstance(head, keras.layers.Layer):
+        return head(tensor)
+    raise InvalidArgumentError(
+        f"head must be kmerge.heads.classifier(...)/regressor(...) or a Keras layer or "
+        f"model, got {type(head).__name__}"
+    )
+
+
+def describe_head(head) -> str:
+    if head is None:
+        return "none"
+    if isinstance(head, Head):
+        return head.describe()
+    return f"{type(head).__name__} {head.name!r}"

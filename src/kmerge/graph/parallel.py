@@ -1,0 +1,125 @@
+"""Parallel merge: every source sees the input; outputs are combined; a head on top."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from kmerge.errors import InvalidArgumentError
+from kmerge.graph.build import GraphBuilder, check_adapter_mode, frozen_names, named_models
+from kmerge.graph.combine import combine_ops
+from kmerge.graph.heads import apply_head, describe_head
+
+
+def check_weights(weights: Any, n: int, *, op: str) -> list[float] | None:
+    """Validate the fixed weights of ``combine="weighted"``."""
+    needs = combine_ops.get(op).needs_weights
+    if weights is None:
+        if needs:
+            raise InvalidArgumentError(
+                f"combine={op!r} needs weights=[...] with one non-negative number per model "
+                f"({n} models)"
+            )
+        return None
+    if not needs:
+        raise InvalidArgumentError(
+            f"weights only apply to combine='weighted', not {op!r}; use combine='weighted' or "
+            "drop weights (combine='learned_weights' learns them)"
+        )
+    if isinstance(weights, dict):
+        raise InvalidArgumentError("weights must be a list of numbers in model order")
+    w = np.asarray(list(weights) if isinstance(weights, Sequence) else weights, dtype="float64")
+    if w.ndim != 1 or len(w) != n:
+        raise InvalidArgumentError(f"weights must have one number per model ({n}), got {len(w)}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise InvalidArgumentError(f"weights must be finite and non-negative, got {w.tolist()}")
+    if w.sum() == 0:
+        raise InvalidArgumentError("weights sum to zero; give at least one positive weight")
+    return (w / w.sum()).tolist()
+
+
+def gate_context(builder: GraphBuilder):
+    """The tensor the gate looks at: the merged input(s), flattened and concatenated."""
+    flats = []
+    for t in builder.inputs:
+        x = t
+        if "int" in str(x.dtype):
+            raise InvalidArgumentError(
+                "combine='gate' computes its gate from the inputs, which are integer ids "
+                f"here ({t.name}); use combine='learned_weights' instead"
+            )
+        if len(x.shape) > 2:
+            x = keras.layers.Flatten(name=f"gate_flatten_{t.name}")(x)
+        flats.append(x)
+    if len(flats) == 1:
+        return flats[0]
+    return keras.layers.Concatenate(name="gate_context")(flats)
+
+
+def combine_branches(builder: GraphBuilder, tensors: dict, *, combine: str, adapter: str,
+                     weights: list[float] | None):
+    op = combine_ops.get(combine)
+    builder.combine_name = combine
+    if op.elementwise:
+        tensors = builder.equalize(tensors, mode=adapter, op=combine)
+    context = gate_context(builder) if op.needs_context else None
+    return op.build(list(tensors.values()), name=f"combine_{combine}", weights=weights,
+                    context=context)
+
+
+def parallel(
+    models: Any,
+    *,
+    combine: str = "concat",
+    head: Any = None,
+    freeze: Any = True,
+    weights: Sequence[float] | None = None,
+    output: dict[str, int | str] | None = None,
+    share_inputs: bool = True,
+    adapter: str = "none",
+    name: str | None = None,
+    verify: bool = True,
+    dry_run: bool = False,
+):
+    """Run models side by side and combine their outputs.
+
+    Args:
+        models: A list or dict of models (or paths).
+        combine: A registered combine op: ``concat``, ``average``, ``add``, ``multiply``,
+            ``maximum``, ``minimum``, ``stack``, ``weighted``, ``learned_weights``, ``gate``.
+        head: ``kmerge.heads.classifier(...)``, ``regressor(...)``, any Keras layer, or None.
+        freeze: ``True``, ``False``, or a set of source names to freeze.
+        weights: One non-negative number per model, for ``combine="weighted"``.
+        output: Which output of a multi-output source: ``{"a": "name_or_index"}``.
+        share_inputs: Sources whose input specs agree share one Input; False gives each
+            its own (same shape, different meaning).
+        adapter: ``"auto"`` projects unequal branch shapes for element-wise ops.
+        name: Name of the merged model.
+        verify: Check after building that each source is reproduced bit-exactly.
+        dry_run: Return a printable plan instead of a model.
+
+    >>> m = kmerge.parallel({"a": a, "b": b}, combine="concat",
+    ...                     head=kmerge.heads.classifier(10, hidden=[64]))
+    """
+    mode = check_adapter_mode(adapter)
+    combine_ops.get(combine)  # unknown names fail before any work
+    sources = named_models(models, minimum=2, what="parallel")
+    fixed = check_weights(weights, len(sources), op=combine)
+    output = dict(output or {})
+    unknown = set(output) - set(sources)
+    if unknown:
+        raise InvalidArgumentError(f"output names {sorted(unknown)} are not sources: {list(sources)}")
+    builder = GraphBuilder("parallel", sources, frozen_names(freeze, sources), name=name,
+                           dry_run=dry_run)
+    inputs = builder.inputs_for(list(sources), share=share_inputs)
+    tensors = {}
+    for n in sources:
+        builder.add_source(n, inputs[n])
+        tensors[n] = builder.output_of(n, output.get(n))
+    x = combine_branches(builder, tensors, combine=combine, adapter=mode, weights=fixed)
+    builder.head = describe_head(head)
+    x = apply_head(head, x, name="head")
+    return builder.finish(x, verify=verify)
