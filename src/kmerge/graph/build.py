@@ -319,7 +319,8 @@ class GraphBuilder:
                 "inputs": [t.name for t in r.inputs] if r.inputs and hasattr(r.inputs[0], "name")
                 else [],
                 "uses": getattr(r, "uses", "output"),
-                "shape": ", ".join(_adapters._fmt(shape_of(t)) for t in r.outputs),
+                "shape": ", ".join(_adapters._fmt(shape_of(t))
+                                   for t in ([t for _, t in r.taps] or r.outputs)),
                 "params": int(m.count_params()),
                 "frozen": n in self.frozen,
             })

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import keras
+import numpy as np
 from keras import tree
 
 from kmerge.errors import (
@@ -322,7 +323,9 @@ def copy_weights(src: keras.layers.Layer, dst: keras.layers.Layer, *, source: st
             f"{[tuple(w.shape) for w in dw]} but the source has {[tuple(w.shape) for w in sw]}"
         )
     for a, b in zip(sw, dw):
-        b.assign(a.value)
+        # A host copy, never the source's buffer: on jax, training the merged model
+        # donates its variables' buffers, which would delete the source's weights.
+        b.assign(np.array(keras.ops.convert_to_numpy(a.value), copy=True))
 
 
 def rebuild(

@@ -1,0 +1,38 @@
+# Everything a fresh machine needs: `make demo`, `make test` (BACKEND=jax|tensorflow|torch).
+PYTHON ?= python3
+VENV := .venv
+BACKEND ?= jax
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-all bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# One stamp per backend: the venv gains a backend the first time it is asked for.
+$(VENV)/.ready-%: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[dev,$*]"
+	touch $@
+
+demo: $(VENV)/.ready-jax
+	KERAS_BACKEND=jax $(BIN)/kmerge demo
+
+test: $(VENV)/.ready-$(BACKEND)
+	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-all:
+	$(MAKE) test BACKEND=jax
+	$(MAKE) test BACKEND=tensorflow
+	$(MAKE) test BACKEND=torch
+
+bench: $(VENV)/.ready-jax
+	KERAS_BACKEND=jax $(BIN)/python bench/bench_inference.py
+	KERAS_BACKEND=jax $(BIN)/python bench/bench_taps.py
+
+lint: $(VENV)/.ready-jax
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

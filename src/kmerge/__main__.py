@@ -1,0 +1,5 @@
+import sys
+
+from kmerge.cli import main
+
+sys.exit(main())
