@@ -137,6 +137,6 @@ def fuse(
             r.taps.append((ref, feats[key]))
     feats = _align(builder, feats, pooling)
     x = combine_branches(builder, feats, combine=combine, adapter=mode, weights=fixed)
-    builder.head = describe_head(head)
     x = apply_head(head, x, name="head")
+    builder.head = describe_head(head)
     return builder.finish(x, verify=verify)

@@ -120,6 +120,6 @@ def parallel(
         builder.add_source(n, inputs[n])
         tensors[n] = builder.output_of(n, output.get(n))
     x = combine_branches(builder, tensors, combine=combine, adapter=mode, weights=fixed)
-    builder.head = describe_head(head)
     x = apply_head(head, x, name="head")
+    builder.head = describe_head(head)
     return builder.finish(x, verify=verify)

@@ -77,7 +77,7 @@ def check_model(model: Any, name: str) -> keras.Model:
         )
     if isinstance(model, keras.Sequential):
         _graph_of(model)
-    elif not model.built or not _safe_inputs(model):
+    elif not model.built or not input_specs(model):
         raise InvalidModelError(
             f"model {name!r} ({type(model).__name__}) is not built: it has no inputs yet; "
             "call it on a batch of data (or build it) before merging"
@@ -93,8 +93,22 @@ def _safe_inputs(model: keras.Model) -> list:
 
 
 def input_specs(model: keras.Model) -> list[tuple[tuple, str, str]]:
-    """(shape without batch, dtype, name) for each input of ``model``."""
-    return [(tuple(t.shape[1:]), str(t.dtype), t.name) for t in _safe_inputs(model)]
+    """(shape without batch, dtype, name) for each input of ``model``.
+
+    Subclassed models have no ``inputs``; the shapes they were built with stand in.
+    """
+    inputs = _safe_inputs(model)
+    if inputs:
+        return [(tuple(t.shape[1:]), str(t.dtype), t.name) for t in inputs]
+    shapes = list((getattr(model, "_build_shapes_dict", None) or {}).values())
+    if len(shapes) == 1 and isinstance(shapes[0], list | tuple) and shapes[0] and all(
+        isinstance(s, list | tuple) for s in shapes[0]
+    ):
+        shapes = list(shapes[0])
+    dtype = str(getattr(model, "input_dtype", None) or "float32")
+    return [(tuple(s[1:]), dtype, f"{model.name}_input_{i}" if len(shapes) > 1 else
+             f"{model.name}_input") for i, s in enumerate(shapes)
+            if isinstance(s, list | tuple) and len(s) >= 1]
 
 
 def output_tensors(model: keras.Model) -> list:
