@@ -102,10 +102,13 @@ def run(out_dir: str | None = None, *, epochs: int = 20, seed: int = 0, echo=pri
     avg = kmerge.parallel({"a": a, "b": b}, combine="average")
     rows["parallel average (no training)"] = _acc(avg, x_te, y_te)
 
-    taps = {"a": (a, "dense"), "b": (b, "conv2d_1")}
+    # Tap A's hidden layer and B's last feature map, by the names the files hold.
+    tap_a = a.layers[-2].name
+    tap_b = [layer.name for layer in b.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+    taps = {"a": (a, tap_a), "b": (b, tap_b)}
     echo(str(kmerge.fuse(taps, head=kmerge.heads.classifier(10), dry_run=True)))
     fused = kmerge.fuse(taps, head=kmerge.heads.classifier(10))
-    rows["fuse a:dense + b:conv2d_1 + head"] = _acc(
+    rows[f"fuse a:{tap_a} + b:{tap_b} + head"] = _acc(
         _fit(fused, x_tr, y_tr, epochs=max(3, epochs // 2)), x_te, y_te)
 
     seq = kmerge.sequential({"denoise": d, "b": b}, adapter="auto")
