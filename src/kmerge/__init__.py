@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "kmerge.io",
     "save": "kmerge.io",
+    "load_info": "kmerge.io",
     "sequential": "kmerge.graph.sequential",
     "parallel": "kmerge.graph.parallel",
     "fuse": "kmerge.graph.fuse",
@@ -32,8 +33,9 @@ _EXPORTS = {
     "Plan": "kmerge.graph.build",
     "VerifyReport": "kmerge.verification",
     "errors": "kmerge.errors",  # a module
+    "io": "kmerge.io",  # a module
 }
-_MODULES = {"heads", "errors"}
+_MODULES = {"heads", "errors", "io"}
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
