@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import cnn, mlp, nested, x_for
+from conftest import cnn, mlp, nested, predict, x_for
 
 import kmerge
 from kmerge.errors import InvalidArgumentError, InvalidModelError, VerificationError
@@ -50,7 +50,7 @@ def test_metadata_survives_save_and_kmerge_load(tmp_path):
     loaded = kmerge.load(path)
     assert kmerge.verify(loaded, {"a": a}).ok
     x = x_for(a)
-    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(m(x)))
+    np.testing.assert_array_equal(predict(loaded, x), predict(m, x))
     plain = keras.models.load_model(path)
-    np.testing.assert_array_equal(np.asarray(plain(x)), np.asarray(m(x)))
+    np.testing.assert_array_equal(predict(plain, x), predict(m, x))
     del b
