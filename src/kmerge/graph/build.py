@@ -12,7 +12,7 @@ from typing import Any
 
 import keras
 
-from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, InvalidModelError
+from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph import adapters as _adapters
 from kmerge.graph.rebuild import Rebuilt, check_model, input_specs, rebuild
 
@@ -91,8 +91,11 @@ def frozen_names(freeze: Any, names: Iterable[str]) -> set[str]:
 
 
 def source_path(model: keras.Model) -> str | None:
-    info = getattr(model, "_kmerge_load", None)
-    return getattr(info, "path", None)
+    """The file ``model`` was loaded from by :func:`kmerge.load`, if any."""
+    from kmerge.io import load_info
+
+    info = load_info(model)
+    return info.path if info else None
 
 
 def tensor_ref(t) -> list:
@@ -346,7 +349,3 @@ def check_adapter_mode(adapter: str) -> str:
         raise InvalidArgumentError(f'adapter must be "auto" or "none", got {adapter!r}')
     return adapter
 
-
-def check_is_model(model: Any, name: str) -> None:
-    if not isinstance(model, keras.Model):
-        raise InvalidModelError(f"{name} must be a keras.Model, got {type(model).__name__}")

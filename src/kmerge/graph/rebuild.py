@@ -111,10 +111,6 @@ def input_specs(model: keras.Model) -> list[tuple[tuple, str, str]]:
             if isinstance(s, list | tuple) and len(s) >= 1]
 
 
-def output_tensors(model: keras.Model) -> list:
-    return list(model.outputs or [])
-
-
 @dataclass
 class Rebuilt:
     """A source copied into the merged graph."""
