@@ -12,7 +12,7 @@ import numpy as np
 
 
 def digits(seed: int = 0):
-    """Digits as 8x8x1 images in [0, 1]: (x_train, y_train, x_test, y_test)."""
+    """Digits as 8x8x1 images in [0, 1]: (x_train, x_test, y_train, y_test)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
