@@ -28,6 +28,14 @@ _EXPORTS = {
     "parallel": "kmerge.graph.parallel",
     "fuse": "kmerge.graph.fuse",
     "verify": "kmerge.verification",
+    "merge_weights": "kmerge.weights.apply",
+    "merge_methods": "kmerge.weights.methods",
+    "align": "kmerge.weights.align",
+    "fit_head": "kmerge.train",
+    "fine_tune": "kmerge.train",
+    "stitch": "kmerge.stitching",
+    "distill": "kmerge.distillation",
+    "students": "kmerge.students",  # a module
     "heads": "kmerge.graph.heads",  # a module: kmerge.heads.classifier(...)
     "combine_ops": "kmerge.graph.combine",
     "Plan": "kmerge.graph.build",
@@ -35,7 +43,7 @@ _EXPORTS = {
     "errors": "kmerge.errors",  # a module
     "io": "kmerge.io",  # a module
 }
-_MODULES = {"heads", "errors", "io"}
+_MODULES = {"heads", "errors", "io", "students"}
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 

@@ -68,14 +68,29 @@ def probe(model: keras.Model, *, batch: int = 4, seed: int = 0) -> list[np.ndarr
     return out
 
 
+def _detached(variable) -> Any:
+    return keras.ops.convert_to_tensor(np.array(keras.ops.convert_to_numpy(variable.value)))
+
+
 def _call(model: keras.Model, flat: list):
+    """Run ``model`` in inference mode with its weights passed as plain tensors.
+
+    Both sides of a comparison run this way: on torch, whether a weight requires grad
+    changes which matmul kernel runs (a frozen copy of an LSTM differs from its trainable
+    source in the last bit), so weights are detached on both sides.
+    """
     struct = getattr(model, "_inputs_struct", None)
     if struct is not None and not isinstance(model, keras.Sequential):
         args = keras.tree.pack_sequence_as(struct, flat)
     else:
         args = flat[0] if len(flat) == 1 else flat
-    return [np.asarray(keras.ops.convert_to_numpy(t))
-            for t in keras.tree.flatten(model(args, training=False))]
+    outputs, _ = model.stateless_call(
+        [_detached(v) for v in model.trainable_variables],
+        [_detached(v) for v in model.non_trainable_variables],
+        args,
+        **({"training": False} if getattr(model, "_call_has_training_arg", False) else {}),
+    )
+    return [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(outputs)]
 
 
 def _source_tap(model: keras.Model, ref: Any, flat: list) -> np.ndarray:
