@@ -1,5 +1,9 @@
 """The ``kmerge`` command line. Holds no merge logic; Keras is imported only by the
-subcommands that need it, so ``kmerge --help`` stays fast."""
+subcommands that need it, so ``kmerge --help``, ``list``, ``schema`` and ``validate`` stay fast.
+
+Exit codes: 0 success, 1 a kmerge error (``error: ...`` on stderr, no traceback unless
+``--debug``), 2 usage. Nothing is written when a command fails.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,17 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from kmerge.errors import KmergeError
+from kmerge.errors import InvalidArgumentError, KmergeError
+
+HEADS = ("classifier", "regressor")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kmerge", description="Merge trained Keras models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only errors and results")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train two models on digits, merge them three ways")
@@ -25,17 +33,153 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.add_argument("--unsafe", action="store_true",
                      help="load with safe_mode=False (only for files you trust)")
+
+    def merge_common(sp):
+        sp.add_argument("-o", "--output", required=True, help="where to save the merge (.keras)")
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        sp.add_argument("--no-freeze", action="store_true", help="leave the sources trainable")
+        sp.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+
+    seq = sub.add_parser("sequential", help="chain models: each output feeds the next")
+    seq.add_argument("models", nargs="+", metavar="MODEL")
+    seq.add_argument("--adapter", choices=("auto", "none"), default="auto")
+    merge_common(seq)
+
+    par = sub.add_parser("parallel", help="models side by side, outputs combined")
+    par.add_argument("models", nargs="+", metavar="MODEL")
+    par.add_argument("--combine", default="concat", help="combine op (kmerge list combine-ops)")
+    par.add_argument("--head", help="classifier:N[:H1,H2] or regressor:N[:H1,...]")
+    par.add_argument("--weights", help="comma-separated weights for --combine weighted")
+    par.add_argument("--adapter", choices=("auto", "none"), default="none")
+    merge_common(par)
+
+    fus = sub.add_parser("fuse", help="tap intermediate layers, fuse them, add a head")
+    fus.add_argument("taps", nargs="+", metavar="MODEL:LAYER[,LAYER]")
+    fus.add_argument("--combine", default="concat")
+    fus.add_argument("--head", help="classifier:N[:H1,H2] or regressor:N[:H1,...]")
+    fus.add_argument("--pooling", choices=("auto", "avg", "max", "none"), default="auto")
+    merge_common(fus)
+
+    wts = sub.add_parser("weights", help="weight-space merge of same-architecture models")
+    wts.add_argument("models", nargs="+", metavar="MODEL")
+    wts.add_argument("--method", required=True, help="merge method (kmerge list methods)")
+    wts.add_argument("--base", help="the pretrained base model (task arithmetic, TIES, DARE)")
+    wts.add_argument("--align", choices=("weights", "activations"))
+    wts.add_argument("--param", action="append", default=[], metavar="K=V",
+                     help="method parameter, e.g. --param density=0.2 (repeatable)")
+    wts.add_argument("-o", "--output", required=True)
+    wts.add_argument("--overwrite", action="store_true")
+
+    for name, text in (("run", "run a YAML recipe"), ("validate", "check a recipe, load nothing"),
+                       ("plan", "validate a recipe and print each merge's plan")):
+        r = sub.add_parser(name, help=text)
+        r.add_argument("recipe")
+        if name == "run":
+            r.add_argument("-o", "--output-dir", help="save outputs here instead of the recipe's paths")
+            r.add_argument("--report", metavar="DIR", help="write report.md, figures, report.json")
+
+    ver = sub.add_parser("verify", help="check a saved merge against its source files")
+    ver.add_argument("merged")
+    ver.add_argument("sources", nargs="+", metavar="[NAME=]PATH")
+    ver.add_argument("--json", action="store_true")
+
+    lst = sub.add_parser("list", help="list methods, combine ops or heads")
+    lst.add_argument("what", choices=("methods", "combine-ops", "heads"))
+
+    sub.add_parser("schema", help="print the recipe JSON Schema")
     return p
 
 
-def _demo(args) -> int:
-    from kmerge.demo import run
+# -- helpers -----------------------------------------------------------------------------------
+def parse_head(text: str | None):
+    """``classifier:10:64,32`` -> ``kmerge.heads.classifier(10, hidden=[64, 32])``."""
+    if not text:
+        return None
+    parts = text.split(":")
+    if parts[0] not in HEADS or len(parts) not in (2, 3):
+        raise InvalidArgumentError(
+            f"--head {text!r}: use classifier:N[:H1,H2,...] or regressor:N[:H1,...]")
+    try:
+        units = int(parts[1])
+        hidden = [int(h) for h in parts[2].split(",")] if len(parts) == 3 and parts[2] else []
+    except ValueError:
+        raise InvalidArgumentError(f"--head {text!r}: sizes must be integers") from None
+    import kmerge
 
-    run(args.out, epochs=args.epochs)
+    return getattr(kmerge.heads, parts[0])(units, hidden=hidden)
+
+
+def _parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+def parse_params(items: Sequence[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgumentError(f"--param {item!r}: use KEY=VALUE, e.g. density=0.2")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _names(paths: Sequence[str]) -> dict[str, str]:
+    """Source names from file names (``model_a.h5`` -> ``model_a``), made unique."""
+    out: dict[str, str] = {}
+    for p in paths:
+        base = "".join(c if c.isalnum() or c == "_" else "_" for c in Path(p).name.split(".")[0])
+        base = base if base[:1].isalpha() else f"m_{base}"
+        name, k = base, 2
+        while name in out:
+            name, k = f"{base}_{k}", k + 1
+        out[name] = p
+    return out
+
+
+def _check_output(path: str, overwrite: bool, sources: Sequence[str]) -> None:
+    """Fail before any work when the output cannot be written."""
+    target = Path(path).expanduser().resolve()
+    if any(target == Path(s).expanduser().resolve() for s in sources):
+        raise InvalidArgumentError(f"-o {path} is one of the source files; choose another path")
+    if target.exists() and not overwrite:
+        raise InvalidArgumentError(f"{path} exists; pass --overwrite to replace it")
+    if not target.parent.is_dir():
+        raise InvalidArgumentError(f"directory {target.parent} does not exist; create it first")
+
+
+def _load_all(paths: dict[str, str]) -> dict:
+    from kmerge.io import load
+
+    return {n: load(p) for n, p in paths.items()}
+
+
+def _finish(model, args, echo) -> int:
+    import kmerge
+
+    if args.dry_run:
+        print(model)
+        return 0
+    saved = kmerge.save(model, args.output, overwrite=args.overwrite)
+    for step in model._kmerge_meta.get("adapters", []):
+        echo(f"adapter {step['where']}: {step['step']}")
+    echo(f"saved {saved}")
     return 0
 
 
-def _inspect(args) -> int:
+# -- commands ----------------------------------------------------------------------------------
+def _demo(args, echo) -> int:
+    from kmerge.demo import run
+
+    run(args.out, epochs=args.epochs, echo=print)
+    return 0
+
+
+def _inspect(args, echo) -> int:
     from kmerge.inspect import summarize
     from kmerge.io import load
 
@@ -44,7 +188,187 @@ def _inspect(args) -> int:
     return 0
 
 
-_COMMANDS = {"demo": _demo, "inspect": _inspect}
+def _sequential(args, echo) -> int:
+    import kmerge
+
+    if not args.dry_run:
+        _check_output(args.output, args.overwrite, args.models)
+    models = _load_all(_names(args.models))
+    m = kmerge.sequential(models, adapter=args.adapter, freeze=not args.no_freeze,
+                          dry_run=args.dry_run)
+    return _finish(m, args, echo)
+
+
+def _parallel(args, echo) -> int:
+    import kmerge
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    head = parse_head(args.head)
+    if not args.dry_run:
+        _check_output(args.output, args.overwrite, args.models)
+    models = _load_all(_names(args.models))
+    m = kmerge.parallel(models, combine=args.combine, head=head, freeze=not args.no_freeze,
+                        weights=weights, adapter=args.adapter, dry_run=args.dry_run)
+    return _finish(m, args, echo)
+
+
+def _fuse(args, echo) -> int:
+    import kmerge
+
+    pairs = []
+    for tap in args.taps:
+        path, sep, layers = tap.rpartition(":")
+        if not sep or not path or not layers:
+            raise InvalidArgumentError(f"tap {tap!r}: use MODEL:LAYER or MODEL:LAYER1,LAYER2")
+        refs = [int(r) if r.lstrip("-").isdigit() else r for r in layers.split(",")]
+        pairs.append((path, refs))
+    head = parse_head(args.head)
+    if not args.dry_run:
+        _check_output(args.output, args.overwrite, [p for p, _ in pairs])
+    names = _names([p for p, _ in pairs])
+    models = _load_all(names)
+    taps = {n: (models[n], refs if len(refs) > 1 else refs[0])
+            for n, (_, refs) in zip(names, pairs)}
+    m = kmerge.fuse(taps, combine=args.combine, head=head, pooling=args.pooling,
+                    freeze=not args.no_freeze, dry_run=args.dry_run)
+    return _finish(m, args, echo)
+
+
+def _weights(args, echo) -> int:
+    import kmerge
+
+    params = parse_params(args.param)
+    _check_output(args.output, args.overwrite, [*args.models, *([args.base] if args.base else [])])
+    from kmerge.io import load
+
+    models = [load(p) for p in args.models]
+    base = load(args.base) if args.base else None
+    m = kmerge.merge_weights(models, method=args.method, base=base, align=args.align, **params)
+    echo(f"saved {kmerge.save(m, args.output, overwrite=args.overwrite)}")
+    return 0
+
+
+def _validate(args, echo) -> int:
+    from kmerge.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    echo(f"{args.recipe}: OK ({len(recipe.models)} models, {len(recipe.steps)} steps: "
+         f"{', '.join(s.kind for s in recipe.steps)})")
+    return 0
+
+
+def _plan(args, echo) -> int:
+    import kmerge
+    from kmerge.recipe import load_recipe
+    from kmerge.runner import _freeze, _head
+
+    recipe = load_recipe(args.recipe)
+    models = {n: kmerge.load(recipe.path_of(s.path), safe_mode=s.safe_mode)
+              for n, s in recipe.models.items()}
+    for i, step in enumerate(recipe.steps):
+        if step.kind in ("sequential", "parallel", "fuse"):
+            common = {"freeze": _freeze(step.freeze), "dry_run": True, "verify": False,
+                      "name": step.name or f"step_{i}"}
+            if step.kind == "sequential":
+                plan = kmerge.sequential({m: models[m] for m in step.models},
+                                         adapter=step.adapter, **common)
+            elif step.kind == "parallel":
+                plan = kmerge.parallel({m: models[m] for m in step.models},
+                                       combine=step.combine, head=_head(step.head),
+                                       weights=step.weights, output=step.output,
+                                       share_inputs=step.share_inputs, adapter=step.adapter,
+                                       **common)
+            else:
+                plan = kmerge.fuse({m: (models[m], r) for m, r in step.taps.items()},
+                                   combine=step.combine, head=_head(step.head),
+                                   pooling=step.pooling, share_inputs=step.share_inputs,
+                                   adapter=step.adapter, **common)
+            print(f"steps[{i}]: {plan}")
+        else:
+            print(f"steps[{i}]: {step.kind} " + json.dumps(
+                step.model_dump(exclude={"kind"}, exclude_none=True), default=str))
+    return 0
+
+
+def _run(args, echo) -> int:
+    from kmerge.recipe import load_recipe
+    from kmerge.runner import run
+
+    recipe = load_recipe(args.recipe)
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise InvalidArgumentError(f"--report {args.report} is a file; give a directory")
+    out = Path(args.output_dir) if args.output_dir else None
+    if out is not None and not out.is_dir():
+        raise InvalidArgumentError(f"--output-dir {out} does not exist; create it first")
+    result = run(recipe, echo=echo, out=out)
+    if args.report:
+        from kmerge.report import write_report
+
+        final = result.final or result.sources[-1]
+        path = write_report(args.report, models=result.models, x=result.data.x_test,
+                            y=result.data.y_test, final=final, sources=result.sources,
+                            verify=result.verify)
+        echo(f"report: {path}")
+    return 0
+
+
+def _verify(args, echo) -> int:
+    from kmerge.io import load
+    from kmerge.verification import verify
+
+    merged = load(args.merged)
+    meta = getattr(merged, "_kmerge_meta", None) or {}
+    by_path = {str(Path(v.get("path") or "").resolve()): n
+               for n, v in meta.get("sources", {}).items() if v.get("path")}
+    sources = {}
+    for item in args.sources:
+        name, sep, path = item.partition("=")
+        if not sep:
+            path = item
+            name = by_path.get(str(Path(item).resolve()))
+            if name is None:
+                raise InvalidArgumentError(
+                    f"{item} is not recorded as a source of {args.merged}; name it as NAME=PATH "
+                    f"(sources: {', '.join(meta.get('sources', {})) or 'none recorded'})")
+        sources[name] = load(path)
+    report = verify(merged, sources)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "checks": [
+            {"source": c.source, "what": c.what, "shape": list(c.shape),
+             "max_abs_diff": c.max_abs_diff} for c in report.checks]}, indent=2))
+    else:
+        print(report)
+    return 0
+
+
+def _list(args, echo) -> int:
+    if args.what == "combine-ops":
+        from kmerge.recipe import COMBINE_OPS
+
+        names = list(COMBINE_OPS)
+    elif args.what == "heads":
+        names = list(HEADS)
+    else:
+        from kmerge.recipe import WEIGHT_EXTRA_METHODS
+        from kmerge.weights.methods import merge_methods
+
+        names = sorted([*merge_methods.names(), *WEIGHT_EXTRA_METHODS])
+    print("\n".join(names))
+    return 0
+
+
+def _schema(args, echo) -> int:
+    from kmerge.recipe import schema
+
+    print(json.dumps(schema(), indent=2))
+    return 0
+
+
+_COMMANDS = {
+    "demo": _demo, "inspect": _inspect, "sequential": _sequential, "parallel": _parallel,
+    "fuse": _fuse, "weights": _weights, "run": _run, "validate": _validate, "plan": _plan,
+    "verify": _verify, "list": _list, "schema": _schema,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,8 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
+
+    def echo(text: str) -> None:
+        if not args.quiet:
+            print(text)
+
     try:
-        return _COMMANDS[args.command](args)
+        return _COMMANDS[args.command](args, echo)
     except KmergeError as exc:
         if args.debug:
             raise
