@@ -254,10 +254,13 @@ def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
         if err["type"] == "extra_forbidden":
             msg = f"unknown key {err['loc'][-1]!r}"
         elif err["type"] == "union_tag_invalid":
-            msg = (f"unknown step kind {err.get('input')!r}; kinds are "
+            given = err.get("input")
+            given = given.get("kind") if isinstance(given, dict) else given
+            err = {**err, "loc": (*err["loc"], "kind")}
+            msg = (f"unknown step kind {given!r}; kinds are "
                    "sequential, parallel, fuse, weights, fit_head, fine_tune, distill, verify, "
                    "evaluate, save")
-        raise _fail(path, _loc(err["loc"]), msg) from None
+        raise _fail(path, _loc(tuple(err["loc"])), msg) from None
     _check_semantics(recipe, path, check_files=check_files)
     return recipe
 
