@@ -112,3 +112,10 @@ def test_validate_does_not_import_keras(tmp_path):
 def test_examples_are_valid_recipes(example):
     recipe = load_recipe(example, check_files=False)
     assert recipe.steps
+
+
+def test_recipe_reference_is_current():
+    from kmerge.recipe import reference_markdown
+
+    doc = (Path(__file__).parent.parent / "docs" / "recipe-reference.md").read_text()
+    assert doc == reference_markdown(), "regenerate: python -m kmerge.recipe > docs/recipe-reference.md"

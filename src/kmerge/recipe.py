@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -151,6 +152,8 @@ class FineTuneStep(_Strict):
 
 
 class StudentSpec(_Strict):
+    """The student of a distill step: ``kmerge.students.like(model, width=...)``."""
+
     like: str
     width: float = Field(0.5, gt=0.0)
 
@@ -176,6 +179,8 @@ class EvaluateStep(_Strict):
 
 
 class SaveStep(_Strict):
+    """Save a model (``kmerge.save``: atomic, never over a source)."""
+
     kind: Literal["save"]
     model: str
     path: str
@@ -351,3 +356,49 @@ def _check_method(step: WeightsStep, path: Path, at: str) -> None:
                 raise _fail(path, f"{at}.{where}.{key}",
                             f"method {step.method!r} has no parameter {key!r}; its parameters "
                             f"are {', '.join(allowed) or 'none'}")
+
+
+def _type_name(annotation: Any) -> str:
+    text = re.sub(r"<class '([\w.]+)'>", lambda m: m.group(1).rsplit(".", 1)[-1], str(annotation))
+    text = re.sub(r"\b(typing|__main__|kmerge\.recipe)\.", "", text)
+    return text.replace("NoneType", "None").replace("|", "\\|")
+
+
+def reference_markdown() -> str:
+    """The recipe reference (docs/recipe-reference.md), generated from the pydantic models."""
+    sections = [("Recipe (top level)", Recipe), ("models.NAME", ModelSpec), ("data", DataSpec),
+                ("head (in parallel and fuse steps)", HeadSpec),
+                ("student (in distill steps)", StudentSpec)]
+    steps = [SequentialStep, ParallelStep, FuseStep, WeightsStep, FitHeadStep, FineTuneStep,
+             DistillStep, VerifyStep, EvaluateStep, SaveStep]
+    lines = ["# Recipe reference", "",
+             "Generated from `kmerge/recipe.py` by `python -m kmerge.recipe`; a test checks it "
+             "is current. Unknown keys are errors. Relative paths start at the recipe's folder.",
+             ""]
+
+    def table(model) -> list[str]:
+        rows = ["| key | type | default |", "|---|---|---|"]
+        for name, f in model.model_fields.items():
+            if name in ("base_dir", "kind"):
+                continue
+            ann = _type_name(f.annotation) if name != "steps" else "list of steps (below)"
+            default = "required" if f.is_required() else repr(f.default)
+            rows.append(f"| `{name}` | `{ann}` | {default} |")
+        return rows
+
+    for title, model in sections:
+        lines += [f"## {title}", "", (model.__doc__ or "").strip().splitlines()[0], "",
+                  *table(model), ""]
+    lines += ["## steps", "", "Each step is a mapping with a `kind`. Merge steps (`sequential`, "
+              "`parallel`, `fuse`, `weights`, `distill`) take an optional `name` (default "
+              "`step_N`) that later steps use to refer to their result.", ""]
+    for model in steps:
+        kind = model.model_fields["kind"].annotation.__args__[0]
+        lines += [f"### kind: {kind}", "", *table(model), ""]
+    lines += ["Combine ops: " + ", ".join(f"`{c}`" for c in COMBINE_OPS) + ".",
+              "Built-in data: " + ", ".join(f"`{d}`" for d in BUILTIN_DATA) + ".", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(reference_markdown(), end="")
