@@ -107,3 +107,15 @@ def test_heads_validate_their_arguments():
     layer = keras.layers.Dense(2, name="my_head")
     m = kmerge.parallel([mlp(), mlp()], head=layer)
     assert m.layers[-1].name == "my_head"
+
+
+def test_fuse_and_gate_merges_save_and_load_identically(tmp_path):
+    a, b = cnn(), cnn(seed=1)
+    x = x_for(a)
+    for name, m in {
+        "fuse": kmerge.fuse({"a": (a, [1, -1]), "b": (b, 3)}, head=kmerge.heads.classifier(3)),
+        "gate": kmerge.parallel({"a": a, "b": b}, combine="gate", head=kmerge.heads.regressor(2)),
+    }.items():
+        path = kmerge.save(m, tmp_path / f"{name}.keras")
+        np.testing.assert_array_equal(predict(keras.models.load_model(path), x), predict(m, x))
+        assert kmerge.verify(kmerge.load(path), {"a": a, "b": b}).ok
