@@ -168,3 +168,20 @@ def test_run_recipe_with_npz_data(files, tmp_path, capsys):
     assert main(["run", str(tmp_path / "r.yaml")]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and (tmp_path / "out" / "avg.keras").exists()
+
+
+def test_run_with_report(files, tmp_path, capsys):
+    for name in ("a.keras", "b.h5"):
+        (tmp_path / name).write_bytes((files / name).read_bytes())
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(30, 8)).astype("float32"),
+             y=np.arange(30) % 3)
+    (tmp_path / "r.yaml").write_text(
+        "models:\n  a: {path: a.keras}\n  b: {path: b.h5}\ndata: {source: d.npz}\n"
+        "steps:\n  - {name: m, kind: parallel, models: [a, b], combine: average}\n"
+        "  - {kind: verify, model: m}\n")
+    assert main(["run", str(tmp_path / "r.yaml"), "--report", str(tmp_path / "rep")]) == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert set(report["models"]) == {"a", "b", "m"} and report["final"] == "m"
+    assert report["sources"] == ["a", "b"] and report["verify"]["m"]
+    assert (tmp_path / "rep" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

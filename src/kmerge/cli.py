@@ -303,11 +303,15 @@ def _run(args, echo) -> int:
     result = run(recipe, echo=echo, out=out)
     if args.report:
         from kmerge.report import write_report
+        from kmerge.runner import inputs_for
 
+        if result.data is None:
+            raise InvalidArgumentError("--report needs a data: section in the recipe")
         final = result.final or result.sources[-1]
-        path = write_report(args.report, models=result.models, x=result.data.x_test,
-                            y=result.data.y_test, final=final, sources=result.sources,
-                            verify=result.verify)
+        # each model gets the test data shaped for its own inputs
+        xs = {n: inputs_for(m, result.data.x_test) for n, m in result.models.items()}
+        path = write_report(args.report, models=result.models, x=xs, y=result.data.y_test,
+                            final=final, sources=result.sources, verify=result.verify)
         echo(f"report: {path}")
     return 0
 
