@@ -1,0 +1,45 @@
+"""TIES-merging: trim, elect sign, disjoint mean."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kmerge.weights.methods import merge_methods
+from kmerge.weights.methods._sparse import (
+    check_fraction,
+    disjoint_mean,
+    elect_sign,
+    task_vectors,
+    trim_top_k,
+)
+
+
+@merge_methods.register("ties")
+def ties(tensors: Sequence[np.ndarray], *, weights: Sequence[float], base: np.ndarray,
+         density: float = 0.2, scale: float = 1.0) -> np.ndarray:
+    """TIES-merging (Yadav et al., 2023): trim, elect sign by mass, disjoint mean.
+
+    Each task vector keeps its ``density`` fraction of largest-magnitude entries; the sign
+    of each entry is elected by the weighted sum of the trimmed task vectors; the merged task
+    vector is the weighted mean of the entries that agree with the elected sign.
+
+    Args:
+        tensors: The same variable from each fine-tuned model.
+        weights: Per-model weights, summing to 1.
+        base: The variable in the pretrained model.
+        density: Fraction of each task vector kept, in (0, 1] (default 0.2: the paper's k=20%).
+        scale: lambda, the factor on the merged task vector (default 1.0).
+
+    >>> ties([np.array([3.0, 0.1]), np.array([-1.0, 0.2])], weights=[.5, .5],
+    ...      base=np.zeros(2), density=0.5)
+    array([3., 0.])
+    """
+    density = check_fraction("density", density, method="ties", low_open=True, high_open=False,
+                             hint="pass density=0.2 (keep the top 20% of each task vector) or "
+                                  "density=1 to skip trimming")
+    w = np.asarray(weights, dtype=np.float64)
+    taus = trim_top_k(task_vectors(tensors, base), density)
+    merged = disjoint_mean(taus, w, elect_sign(taus, w))
+    return np.asarray(base, dtype=np.float64) + float(scale) * merged
