@@ -84,6 +84,8 @@ def run(out_dir: str | None = None, *, epochs: int = 20, seed: int = 0, echo=pri
 
     echo(f"training two models on digits ({len(x_tr)} train / {len(x_te)} test) ...")
     _fit(_mlp(), x_tr, y_tr, epochs=epochs).save(work / "model_a.h5")
+    keras.utils.set_random_seed(seed + 1)  # A's architecture, another seed: for weight merges
+    _fit(_mlp(), x_tr, y_tr, epochs=epochs).save(work / "model_c.h5")
     _fit(_cnn(), x_tr, y_tr, epochs=epochs).save(work / "model_b.keras")
     _fit(_denoiser(), noisy_tr, x_tr.reshape(len(x_tr), -1), epochs=epochs,
          loss="mse").save(work / "denoiser.keras")
