@@ -33,7 +33,8 @@ def test_split_finds_the_boundary_at_the_first_trainable_layer():
     s = split(m)
     assert [tuple(t.shape[1:]) for t in s.boundary] == [(6,)]  # the concat of two (3,) outputs
     assert "head_dense_0" in s.trainable_layers and "head_output" in s.trainable_layers
-    assert "a_conv2d" in s.frozen_layers and "combine_concat" in s.frozen_layers
+    assert "combine_concat" in s.frozen_layers
+    assert any(name.startswith("a_conv2d") for name in s.frozen_layers)
 
 
 def test_stochastic_weightless_layers_end_the_frozen_part():
