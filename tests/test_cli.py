@@ -185,3 +185,16 @@ def test_run_with_report(files, tmp_path, capsys):
     assert set(report["models"]) == {"a", "b", "m"} and report["final"] == "m"
     assert report["sources"] == ["a", "b"] and report["verify"]["m"]
     assert (tmp_path / "rep" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weights_command_and_method_list(files, tmp_path, capsys):
+    out = tmp_path / "soup.keras"
+    assert main(["weights", str(files / "a.keras"), str(files / "b.h5"), "--method", "slerp",
+                 "--param", "t=0.25", "-o", str(out)]) == 0
+    assert out.exists()
+    assert main(["weights", str(files / "a.keras"), str(files / "c.keras"), "--method",
+                 "linear", "-o", str(tmp_path / "bad.keras")]) == 1
+    assert "differ at layer" in capsys.readouterr().err
+    assert not (tmp_path / "bad.keras").exists()
+    assert main(["list", "methods"]) == 0
+    assert {"linear", "ties", "greedy_soup"} <= set(capsys.readouterr().out.split())

@@ -119,3 +119,28 @@ def test_recipe_reference_is_current():
 
     doc = (Path(__file__).parent.parent / "docs" / "recipe-reference.md").read_text()
     assert doc == reference_markdown(), "regenerate: python -m kmerge.recipe > docs/recipe-reference.md"
+
+
+WEIGHTS = """
+models:
+  a: {path: a.keras}
+  b: {path: b.keras}
+steps:
+  - {name: soup, kind: weights, models: [a, b], method: ties, base: a, params: {density: 0.3}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "what"),
+    [
+        (("method: ties", "method: tie"), "steps[0].method", "Did you mean 'ties'"),
+        (("density: 0.3", "denisty: 0.3"), "steps[0].params.denisty",
+         "method 'ties' has no parameter 'denisty'; its parameters are density, scale"),
+        (("base: a", "base: z"), "steps[0].base", "'z' is not a model"),
+    ],
+)
+def test_weights_step_methods_and_parameters(tmp_path, change, where, what):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, WEIGHTS.replace(*change)))
+    assert where in str(err.value) and what in str(err.value), str(err.value)
+    assert load_recipe(_write(tmp_path, WEIGHTS)).steps[0].method == "ties"

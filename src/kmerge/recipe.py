@@ -14,7 +14,6 @@ names the file and the key path (``steps[2].method``). This module never imports
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -331,10 +330,8 @@ def _check_semantics(recipe: Recipe, path: Path, *, check_files: bool) -> None:
 
 def _check_method(step: WeightsStep, path: Path, at: str) -> None:
     """Method name and parameters, bound against the method's own signature."""
-    try:
-        from kmerge.weights.methods import merge_methods
-    except ImportError:  # weight merging not installed in this build
-        return
+    from kmerge.weights.methods import merge_methods, user_params
+
     names = [*merge_methods.names(), *WEIGHT_EXTRA_METHODS]
     if step.method not in names:
         close = difflib.get_close_matches(step.method, names, n=1)
@@ -343,10 +340,7 @@ def _check_method(step: WeightsStep, path: Path, at: str) -> None:
                     f"Valid: {', '.join(sorted(names))}")
     if step.method in WEIGHT_EXTRA_METHODS:
         return
-    fn = merge_methods.get(step.method)
-    sig = inspect.signature(fn)
-    allowed = [p.name for p in sig.parameters.values()
-               if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("weights", "base")]
+    allowed = list(user_params(merge_methods.get(step.method)))
     overrides = [("params", step.params)] + [
         (f"per_layer.{k}", v) for k, v in (step.per_layer or {}).items()
     ]
