@@ -22,13 +22,14 @@ from keras import tree
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, TapError
 from kmerge.graph.rebuild import (
     LayerRef,
+    Rebuilder,
     Rebuilt,
-    _graph_of,
-    _is_symbolic,
-    _Rebuilder,
     check_model,
+    graph_nodes,
+    graph_of,
     input_specs,
     is_graph_model,
+    is_symbolic,
     rebuild,
     resolve_ref,
 )
@@ -36,15 +37,6 @@ from kmerge.graph.rebuild import (
 __all__ = ["stitch", "rebuild_from"]
 
 _MAX_ROWS = 200_000  # rows (samples x positions) used by the least-squares fit
-
-
-def _graph_nodes(graph: keras.Model) -> list:
-    out = []
-    for depth in sorted(graph._nodes_by_depth, reverse=True):
-        for node in graph._nodes_by_depth[depth]:
-            if node.operation is not None and not node.is_input:
-                out.append(node)
-    return out
 
 
 def _cut_node(model: keras.Model, ref: LayerRef, *, source: str):
@@ -55,8 +47,8 @@ def _cut_node(model: keras.Model, ref: LayerRef, *, source: str):
             "Functional or Sequential model to cut"
         )
     layer, _ = resolve_ref(model, ref, source=source)  # LayerNotFoundError with nearest names
-    graph = _graph_of(model)
-    nodes = [n for n in _graph_nodes(graph) if n.operation is layer]
+    graph = graph_of(model)
+    nodes = [n for n in graph_nodes(graph) if n.operation is layer]
     if not nodes:
         raise TapError(
             f"layer {ref!r} of model {source!r} is inside a nested model or not connected; "
@@ -108,11 +100,11 @@ def rebuild_from(
             f"the tensor fed after layer {ref!r} of model {name!r} has shape {got}, but the "
             f"layer gives {want}"
         )
-    builder = _Rebuilder(name, freeze=freeze, taken=taken if taken is not None else set(),
+    builder = Rebuilder(name, freeze=freeze, taken=taken if taken is not None else set(),
                          copy=True)
     builder.result = Rebuilt(name=name, model=model, inputs=[tensor], outputs=[], opaque=False)
     tensors = {id(cut.outputs[0]): tensor}
-    for node in _graph_nodes(graph):
+    for node in graph_nodes(graph):
         if node is cut:
             continue
         ins = node.input_tensors
@@ -129,7 +121,7 @@ def rebuild_from(
         args, kwargs = node.arguments.fill_in(tensors)
         op = node.operation
         if is_graph_model(op):
-            sub = [t for t in tree.flatten((args, kwargs)) if _is_symbolic(t)]
+            sub = [t for t in tree.flatten((args, kwargs)) if is_symbolic(t)]
             outs = builder.inline(op, sub, (op.name,))
         else:
             outs = tree.flatten(builder.call_layer(op, (), args, kwargs))

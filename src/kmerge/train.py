@@ -37,6 +37,7 @@ import keras
 import numpy as np
 
 from kmerge.errors import InvalidArgumentError, InvalidModelError, LayerNotFoundError
+from kmerge.graph.rebuild import graph_nodes, graph_of, is_graph_model
 
 __all__ = ["fit_head", "fine_tune", "StaleCacheWarning"]
 
@@ -57,8 +58,6 @@ class StaleCacheWarning(UserWarning):
 # the frozen / trainable split
 # ----------------------------------------------------------------------------------------
 def _functional(model: keras.Model) -> keras.Model:
-    from kmerge.graph.rebuild import _graph_of, is_graph_model
-
     if not isinstance(model, keras.Model):
         raise InvalidModelError(f"expected a keras.Model, got {type(model).__name__}")
     if not is_graph_model(model):
@@ -67,7 +66,7 @@ def _functional(model: keras.Model) -> keras.Model:
             "Functional and Sequential models into frozen and trainable parts. Call "
             "model.fit directly, or pass cache=None"
         )
-    return _graph_of(model)
+    return graph_of(model)
 
 
 def _is_stochastic(op: Any) -> bool:
@@ -82,15 +81,6 @@ def _is_stochastic(op: Any) -> bool:
 
 def _has_trainable(op: Any) -> bool:
     return bool(getattr(op, "trainable_weights", None))
-
-
-def _nodes(graph: keras.Model) -> list:
-    out = []
-    for depth in sorted(graph._nodes_by_depth, reverse=True):
-        for node in graph._nodes_by_depth[depth]:
-            if node.operation is not None and not node.is_input:
-                out.append(node)
-    return out
 
 
 @dataclass
@@ -118,7 +108,7 @@ def split(model: keras.Model) -> Split:
     graph = _functional(model)
     frozen: set[int] = {id(t) for t in graph.inputs}
     trainable_nodes, frozen_names, train_names = [], [], []
-    for node in _nodes(graph):
+    for node in graph_nodes(graph):
         op = node.operation
         ins = node.input_tensors
         if all(id(t) in frozen for t in ins) and not _has_trainable(op) and not _is_stochastic(op):

@@ -54,7 +54,7 @@ def _is_functional(model: Any) -> bool:
     return isinstance(model, Functional) and not isinstance(model, keras.Sequential)
 
 
-def _graph_of(model: keras.Model):
+def graph_of(model: keras.Model):
     """The Functional graph behind a Sequential or Functional model."""
     if isinstance(model, keras.Sequential):
         graph = getattr(model, "_functional", None)
@@ -68,6 +68,14 @@ def _graph_of(model: keras.Model):
     return model
 
 
+def graph_nodes(model: keras.Model) -> list:
+    """The computing nodes of a Functional or Sequential graph, inputs first."""
+    graph = graph_of(model)
+    return [node for depth in sorted(graph._nodes_by_depth, reverse=True)
+            for node in graph._nodes_by_depth[depth]
+            if node.operation is not None and not node.is_input]
+
+
 def check_model(model: Any, name: str) -> keras.Model:
     """Raise a clear error unless ``model`` is a built Keras model."""
     if not isinstance(model, keras.Model):
@@ -76,7 +84,7 @@ def check_model(model: Any, name: str) -> keras.Model:
             "model, or a path that kmerge.load can read"
         )
     if isinstance(model, keras.Sequential):
-        _graph_of(model)
+        graph_of(model)
     elif not model.built or not input_specs(model):
         raise InvalidModelError(
             f"model {name!r} ({type(model).__name__}) is not built: it has no inputs yet; "
@@ -224,7 +232,7 @@ def resolve_ref(model: keras.Model, ref: LayerRef, *, source: str) -> tuple[Any,
     return current, call
 
 
-class _Rebuilder:
+class Rebuilder:
     def __init__(self, prefix: str, *, freeze: bool, taken: set[str], copy: bool) -> None:
         self.prefix = prefix
         self.freeze = freeze
@@ -288,29 +296,26 @@ class _Rebuilder:
         return outputs
 
     def inline(self, model: keras.Model, inputs: list, path: tuple[str, ...]) -> list:
-        graph = _graph_of(model)
+        graph = graph_of(model)
         if len(inputs) != len(graph.inputs):
             raise InvalidModelError(
                 f"model {'/'.join((self.prefix, *path))!r} expects {len(graph.inputs)} "
                 f"inputs, got {len(inputs)}"
             )
         tensors = {id(x): y for x, y in zip(graph.inputs, inputs)}
-        for depth in sorted(graph._nodes_by_depth, reverse=True):
-            for node in graph._nodes_by_depth[depth]:
-                op = node.operation
-                if op is None or node.is_input:
-                    continue
-                if any(id(x) not in tensors for x in node.input_tensors):
-                    continue
-                args, kwargs = node.arguments.fill_in(tensors)
-                if is_graph_model(op):
-                    sub_inputs = [t for t in tree.flatten((args, kwargs)) if _is_symbolic(t)]
-                    outs = self.inline(op, sub_inputs, (*path, op.name))
-                else:
-                    outs = tree.flatten(self.call_layer(op, path, args, kwargs))
-                self.result.calls.setdefault(id(op), []).append(list(outs))
-                for x, y in zip(node.outputs, outs):
-                    tensors[id(x)] = y
+        for node in graph_nodes(graph):
+            op = node.operation
+            if any(id(x) not in tensors for x in node.input_tensors):
+                continue
+            args, kwargs = node.arguments.fill_in(tensors)
+            if is_graph_model(op):
+                sub_inputs = [t for t in tree.flatten((args, kwargs)) if is_symbolic(t)]
+                outs = self.inline(op, sub_inputs, (*path, op.name))
+            else:
+                outs = tree.flatten(self.call_layer(op, path, args, kwargs))
+            self.result.calls.setdefault(id(op), []).append(list(outs))
+            for x, y in zip(node.outputs, outs):
+                tensors[id(x)] = y
         missing = [x for x in graph.outputs if id(x) not in tensors]
         if missing:
             raise InvalidModelError(
@@ -320,7 +325,7 @@ class _Rebuilder:
         return [tensors[id(x)] for x in graph.outputs]
 
 
-def _is_symbolic(x: Any) -> bool:
+def is_symbolic(x: Any) -> bool:
     return isinstance(x, keras.KerasTensor)
 
 
@@ -361,7 +366,7 @@ def rebuild(
     Returns:
         A :class:`Rebuilt` with the output tensors and a ``tap`` to reach any layer.
     """
-    builder = _Rebuilder(name, freeze=freeze, taken=taken, copy=copy)
+    builder = Rebuilder(name, freeze=freeze, taken=taken, copy=copy)
     opaque = not is_graph_model(model)
     result = Rebuilt(name=name, model=model, inputs=list(inputs), outputs=[], opaque=opaque)
     builder.result = result
