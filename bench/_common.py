@@ -56,19 +56,28 @@ def digits_train():
     return x_train, y_train
 
 
-def cnn(name: str, *, seed: int, size: int = 24, width: int = 32, mid_name: str = "conv_mid"):
+def cnn(name: str, *, seed: int, size: int = 24, width: int = 32, mid_name: str = "conv_mid",
+        bn: bool = False):
     """A moderately sized CNN on digits: upsample 8x8 -> size x size inside the model,
-    then four 3x3 convs (the second is named ``mid_name`` so it can be tapped)."""
+    then four 3x3 convs (the second is named ``mid_name`` so it can be tapped). With
+    ``bn=True`` each conv is followed by BatchNormalization: it then trains to ~97% in a few
+    epochs (without, this deep ReLU stack needs many epochs to leave chance level)."""
     import keras
 
     keras.utils.set_random_seed(seed)
+
+    def conv(x, filters, layer_name):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=layer_name)(x)
+        # momentum 0.9: the moving statistics settle within a few short epochs
+        return keras.layers.BatchNormalization(momentum=0.9, name=f"{layer_name}_bn")(x) if bn else x
+
     inp = keras.Input((8, 8, 1), name="image")
     x = keras.layers.Resizing(size, size, name="upsample")(inp)
-    x = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name="conv_1")(x)
-    x = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name=mid_name)(x)
+    x = conv(x, width, "conv_1")
+    x = conv(x, width, mid_name)
     x = keras.layers.MaxPooling2D(name="pool_1")(x)
-    x = keras.layers.Conv2D(2 * width, 3, padding="same", activation="relu", name="conv_3")(x)
-    x = keras.layers.Conv2D(2 * width, 3, padding="same", activation="relu", name="conv_4")(x)
+    x = conv(x, 2 * width, "conv_3")
+    x = conv(x, 2 * width, "conv_4")
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     out = keras.layers.Dense(10, activation="softmax", name="probs")(x)
     return keras.Model(inp, out, name=name)

@@ -31,8 +31,8 @@ def main() -> int:
 
     header("bench_distill: two-model ensemble -> half-FLOPs student")
     x_tr, x_te, y_tr, y_te = digits(0)
-    a = cnn("a", seed=0, size=16, width=16)
-    b = cnn("b", seed=1, size=16, width=16)
+    a = cnn("a", seed=0, size=16, width=16, bn=True)
+    b = cnn("b", seed=1, size=16, width=16, bn=True)
     for m in (a, b):  # teachers trained properly: distilling weak teachers proves nothing
         m.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
         m.fit(x_tr, y_tr, epochs=10, batch_size=32, verbose=0)
