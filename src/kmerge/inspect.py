@@ -37,7 +37,11 @@ class ModelSummary:
     def __str__(self) -> str:
         lines = [f"model {self.name!r} ({self.kind}); format: {self.format or 'in memory'}"
                  f"{'; saved by Keras ' + self.keras_version if self.keras_version else ''}"]
-        lines.append("repairs: " + ("; ".join(self.repairs) if self.repairs else "none needed"))
+        if self.repairs:
+            lines.append(f"repairs ({len(self.repairs)}):")
+            lines.extend(f"  - {r}" for r in self.repairs)
+        else:
+            lines.append("repairs: none needed")
         lines.append("inputs:  " + ", ".join(self.inputs))
         lines.append("outputs: " + ", ".join(self.outputs))
         rows = [("layer", "type", "output shape", "params", "trainable")]
