@@ -2,7 +2,7 @@
 silently trains frozen weights when a model is not recompiled)."""
 
 import numpy as np
-from conftest import cnn, mlp, predict, same_weights, weights_of, x_for
+from conftest import cnn, mlp, predict, same_weights, x_for
 
 import kmerge
 
@@ -20,22 +20,18 @@ def _copied(model, prefix):
 
 def test_frozen_weights_and_bn_statistics_unchanged_after_fit():
     a, b = cnn(), mlp(inputs=64, dropout=0.5, seed=1)
-    m = kmerge.parallel({"a": a, "b": b}, combine="concat", head=kmerge.heads.classifier(3))
-    frozen_before = weights_of(m)[: len(m.non_trainable_weights)]
-    x = x_for(a, 16)
-    xb = x.reshape(16, -1)
-    m2 = kmerge.parallel({"a": a, "b": b}, combine="concat", head=kmerge.heads.classifier(3),
-                         share_inputs=False)
-    _fit(m2, [x, xb], np.arange(16) % 3)
-    assert same_weights(_copied(m2, "a_"), [np.array(w) for w in a.get_weights()])
-    assert same_weights(_copied(m2, "b_"), [np.array(w) for w in b.get_weights()])
+    m = kmerge.parallel({"a": a, "b": b}, combine="concat", head=kmerge.heads.classifier(3),
+                        share_inputs=False)
     head_before = [np.array(w) for w in m.get_layer("head_output").get_weights()]
-    head_after = [np.array(w) for w in m2.get_layer("head_output").get_weights()]
+    x = x_for(a, 16)
+    _fit(m, [x, x.reshape(16, -1)], np.arange(16) % 3)
+    # get_weights includes BatchNorm's moving mean and variance
+    assert same_weights(_copied(m, "a_"), [np.array(w) for w in a.get_weights()])
+    assert same_weights(_copied(m, "b_"), [np.array(w) for w in b.get_weights()])
+    head_after = [np.array(w) for w in m.get_layer("head_output").get_weights()]
     assert not same_weights(head_before, head_after)  # the head did train
-    kmerge.verify(m2, {"a": a, "b": b})  # and the frozen branches still reproduce sources
-    assert frozen_before  # BN moving stats are among the frozen weights
-    assert "b: dropout: Dropout runs as Identity (frozen)" in m2._kmerge_meta["notes"][0] or any(
-        "Identity" in n for n in m2._kmerge_meta["notes"])
+    kmerge.verify(m, {"a": a, "b": b})  # and the frozen branches still reproduce the sources
+    assert any("Dropout runs as Identity (frozen)" in n for n in m._kmerge_meta["notes"])
 
 
 def test_freeze_set_trains_only_the_unfrozen_source():
