@@ -144,3 +144,25 @@ def test_weights_step_methods_and_parameters(tmp_path, change, where, what):
         load_recipe(_write(tmp_path, WEIGHTS.replace(*change)))
     assert where in str(err.value) and what in str(err.value), str(err.value)
     assert load_recipe(_write(tmp_path, WEIGHTS)).steps[0].method == "ties"
+
+
+def test_npz_with_test_split_scale_shape_and_noise(tmp_path):
+    import numpy as np
+
+    from kmerge.runner import load_data
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 16, (20, 64)), y=np.arange(20) % 4,
+             xt=rng.integers(0, 16, (6, 64)), yt=np.arange(6) % 4)
+    text = ("models:\n  a: {path: a.keras}\n"
+            "data: {source: d.npz, x_test: xt, y_test: yt, scale: 16, shape: [8, 8, 1]}\n"
+            "steps:\n  - {kind: evaluate}\n")
+    recipe = load_recipe(_write(tmp_path, text, files=("a.keras",)))
+    data = load_data(recipe.data, recipe)
+    assert data.x_train.shape == (20, 8, 8, 1) and data.x_test.shape == (6, 8, 8, 1)
+    assert data.x_test.max() <= 15 / 16 and data.y_test.dtype == np.int32
+    noisy = recipe.data.model_copy(update={"noise": 0.1})
+    d2 = load_data(noisy, recipe)
+    # noise is added after scaling, to train and test alike, clipped to the data's range
+    assert 0 < np.abs(d2.x_test - data.x_test).max() <= 1.0
+    assert d2.x_test.min() >= data.x_test.min() - 1e-6

@@ -80,27 +80,21 @@ def load_data(spec: DataSpec, recipe: Recipe) -> Data:
             raise RecipeError(f"{path}: no column {spec.y!r}; columns are {names}")
         y = np.asarray(table[spec.y])
         x = np.stack([np.asarray(table[n], dtype="float64") for n in names if n != spec.y], 1)
-    x = np.asarray(x, dtype="float32")
-    if spec.scale:
-        x = x / spec.scale
-    if spec.shape:
-        x = x.reshape(len(x), *spec.shape)
-    y = _labels(np.asarray(y))
-    if spec.noise:
-        x = _noisy(x, spec.noise, spec.seed)
-        x_test = None if x_test is None else _noisy(np.asarray(x_test, "float32"), spec.noise,
-                                                    spec.seed + 1)
+    def prepare(a, seed: int) -> np.ndarray:  # the same steps for train and test arrays
+        a = np.asarray(a, dtype="float32")
+        if spec.scale:
+            a = a / spec.scale
+        if spec.shape:
+            a = a.reshape(len(a), *spec.shape)
+        return _noisy(a, spec.noise, seed) if spec.noise else a
+
+    x, y = prepare(x, spec.seed), _labels(np.asarray(y))
     if x_test is None:
         stratify = y if np.issubdtype(y.dtype, np.integer) else None
         x, x_test, y, y_test = train_test_split(x, y, test_size=spec.test_size,
                                                 random_state=spec.seed, stratify=stratify)
     else:
-        x_test = np.asarray(x_test, dtype="float32")
-        if spec.scale:
-            x_test = x_test / spec.scale
-        if spec.shape:
-            x_test = x_test.reshape(len(x_test), *spec.shape)
-        y_test = _labels(np.asarray(y_test))
+        x_test, y_test = prepare(x_test, spec.seed + 1), _labels(np.asarray(y_test))
     return Data(x, y, x_test, y_test)
 
 
