@@ -432,6 +432,20 @@ def dense_grams(model, x, *, samples: int = 256) -> dict[int, np.ndarray]:
 # ----------------------------------------------------------------------------- core
 
 
+def tensor_kwargs(supplied: dict, path: str, method_params: dict,
+                  params: list[tuple[str, re.Pattern, dict]], *, weights, base=None,
+                  fishers=None, grams=None) -> dict:
+    """A method's keyword arguments for one tensor: the user's parameters, the per-tensor
+    regex overrides matching ``path``, and what the method takes of the supplied values."""
+    kwargs = dict(method_params)
+    for _, rx, overrides in params:
+        if rx.fullmatch(path):
+            kwargs.update(overrides)
+    values = {"weights": weights, "base": base, "path": path, "fishers": fishers, "grams": grams}
+    kwargs.update({k: v for k, v in values.items() if k in supplied})
+    return kwargs
+
+
 def _merge_arrays(method: str, fn, sources: list[list[np.ndarray]], paths: list[str],
                   merge_mask: list[bool], *, weights: list[float],
                   base: list[np.ndarray] | None, method_params: dict,
@@ -445,21 +459,14 @@ def _merge_arrays(method: str, fn, sources: list[list[np.ndarray]], paths: list[
         if not merge_mask[i]:
             out.append(np.array(first, copy=True))
             continue
-        kwargs = dict(method_params)
-        for _, rx, overrides in params:
-            if rx.fullmatch(path):
-                kwargs.update(overrides)
-        if "weights" in sup:
-            kwargs["weights"] = weights
-        if "base" in sup:
-            kwargs["base"] = None if base is None else base[i]
-        if "path" in sup:
-            kwargs["path"] = path
-        if "fishers" in sup:
-            kwargs["fishers"] = [f[i] for f in fishers]
+        gram = None
         if "grams" in sup:
             g = [gm.get(i) for gm in grams] if grams else [None]
-            kwargs["grams"] = None if any(x is None for x in g) else g
+            gram = None if any(x is None for x in g) else g
+        kwargs = tensor_kwargs(sup, path, method_params, params, weights=weights,
+                               base=None if base is None else base[i],
+                               fishers=[f[i] for f in fishers] if "fishers" in sup else None,
+                               grams=gram)
         merged = np.asarray(fn([s[i] for s in sources], **kwargs))
         if merged.shape != first.shape:
             raise InvalidArgumentError(f"method {method!r} returned shape {merged.shape} for "

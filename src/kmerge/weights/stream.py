@@ -45,6 +45,7 @@ from kmerge.weights.apply import (
     _path_candidates,
     _refuse_non_finite,
     supplied_params,
+    tensor_kwargs,
 )
 
 __all__ = ["merge_weights_files", "STREAMABLE_SUFFIXES"]
@@ -373,16 +374,9 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
                         copied.append(name)
                     else:
                         tensors = [first] + [f[d][()] for f in files[1:n]]
-                        kwargs = dict(method_params)
-                        for _, rx, ov in compiled:
-                            if rx.fullmatch(name):
-                                kwargs.update(ov)
-                        if "weights" in sup:
-                            kwargs["weights"] = norm_w
-                        if "base" in sup:
-                            kwargs["base"] = files[n][d][()]
-                        if "path" in sup:
-                            kwargs["path"] = name
+                        kwargs = tensor_kwargs(
+                            sup, name, method_params, compiled, weights=norm_w,
+                            base=files[n][d][()] if "base" in sup else None)
                         with np.errstate(over="ignore", invalid="ignore"):
                             merged = np.asarray(fn(tensors, **kwargs)).astype(first.dtype)
                         _refuse_non_finite([merged], [name], [[t] for t in tensors],
