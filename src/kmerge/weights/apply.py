@@ -616,19 +616,9 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
                 {p: o for p, _, o in compiled_params})
     align_fn = repair_fn = None
     if align is not None:
-        try:
-            from kmerge.weights.align import align as align_fn
-        except ImportError as exc:
-            raise InvalidArgumentError(f"align={align!r} needs kmerge.weights.align, which "
-                                       f"this installation lacks ({exc}); merge without align")\
-                from exc
+        from kmerge.weights.align import align as align_fn
     if repair is not None:
-        try:
-            from kmerge.weights.repair import repair as repair_fn
-        except ImportError as exc:
-            raise InvalidArgumentError(f"repair={repair!r} needs kmerge.weights.repair, which "
-                                       f"this installation lacks ({exc}); merge without repair")\
-                from exc
+        from kmerge.weights.repair import repair as repair_fn
 
     # --- load and check
     from kmerge.io import load_info
