@@ -31,7 +31,7 @@ def _source_weights(model, prefix):
 def test_split_finds_the_boundary_at_the_first_trainable_layer():
     m, _, _ = _merged()
     s = split(m)
-    assert [tuple(t.shape[1:]) for t in s.boundary] == [(6,)]  # the concat of two (3,) outputs
+    assert [tuple(t.shape[1:]) for t in s.boundary_tensors] == [(6,)]  # the concat of two (3,) outputs
     assert "head_dense_0" in s.trainable_layers and "head_output" in s.trainable_layers
     assert "combine_concat" in s.frozen_layers
     assert any(name.startswith("a_conv2d") for name in s.frozen_layers)
@@ -45,7 +45,7 @@ def test_stochastic_weightless_layers_end_the_frozen_part():
     out = keras.layers.Dense(2, activation="softmax", name="head")(h)
     s = split(keras.Model(inp, out))
     assert "drop" in s.trainable_layers and "frozen" in s.frozen_layers
-    assert [t._keras_history[0].name for t in s.boundary] == ["frozen"]
+    assert [t._keras_history[0].name for t in s.boundary_tensors] == ["frozen"]
 
 
 @pytest.mark.parametrize("cache", ["memory", "disk"])

@@ -28,6 +28,7 @@ _EXPORTS = {
     "parallel": "kmerge.graph.parallel",
     "fuse": "kmerge.graph.fuse",
     "verify": "kmerge.verification",
+    "info": "kmerge.metadata",
     "merge_weights": "kmerge.weights.apply",
     "merge_methods": "kmerge.weights.methods",
     "align": "kmerge.weights.align",

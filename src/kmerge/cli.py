@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kmerge.errors import InvalidArgumentError, KmergeError
+from kmerge.metadata import meta_of
 
 HEADS = ("classifier", "regressor")
 
@@ -165,7 +166,7 @@ def _finish(model, args, echo) -> int:
         print(model)
         return 0
     saved = kmerge.save(model, args.output, overwrite=args.overwrite)
-    for step in model._kmerge_meta.get("adapters", []):
+    for step in meta_of(model).get("adapters", []):
         echo(f"adapter {step['where']}: {step['step']}")
     echo(f"saved {saved}")
     return 0
@@ -321,7 +322,7 @@ def _verify(args, echo) -> int:
     from kmerge.verification import verify
 
     merged = load(args.merged)
-    meta = getattr(merged, "_kmerge_meta", None) or {}
+    meta = meta_of(merged) or {}
     by_path = {str(Path(v.get("path") or "").resolve()): n
                for n, v in meta.get("sources", {}).items() if v.get("path")}
     sources = {}

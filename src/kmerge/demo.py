@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kmerge.metadata import meta_of
+
 
 def digits(seed: int = 0):
     """Digits as 8x8x1 images in [0, 1]: (x_train, x_test, y_train, y_test)."""
@@ -114,7 +116,7 @@ def run(out_dir: str | None = None, *, epochs: int = 20, seed: int = 0, echo=pri
         _fit(fused, x_tr, y_tr, epochs=max(3, epochs // 2)), x_te, y_te)
 
     seq = kmerge.sequential({"denoise": d, "b": b}, adapter="auto")
-    for step in seq._kmerge_meta["adapters"]:
+    for step in meta_of(seq)["adapters"]:
         echo(f"sequential adapter: {step['where']}: {step['step']}")
     rows["B on noisy digits"] = _acc(b, noisy_te, y_te)
     rows["sequential denoiser -> B, noisy"] = _acc(seq, noisy_te, y_te)

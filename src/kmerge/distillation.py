@@ -17,6 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kmerge import _keras
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph.rebuild import check_model
 
@@ -31,7 +32,7 @@ def _is_probabilities(p: np.ndarray) -> bool:
 
 def _output_layer(model: keras.Model):
     try:
-        return model.outputs[0]._keras_history[0]
+        return _keras.history(model.outputs[0])[0]
     except (AttributeError, IndexError, ValueError):
         return None
 

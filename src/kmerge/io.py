@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kmerge.errors import InvalidModelError, ModelLoadError, SaveError
+from kmerge.metadata import attach, meta_of
 
 __all__ = ["LoadInfo", "load", "load_info", "save", "SAVE_SUFFIXES"]
 
@@ -117,7 +118,7 @@ def _attach(model: Any, info: LoadInfo, meta: dict | None = None) -> Any:
     # object.__setattr__ bypasses Keras' attribute tracking (a dataclass is no layer state).
     object.__setattr__(model, "_kmerge_load", info)
     if meta is not None:
-        object.__setattr__(model, "_kmerge_meta", meta)
+        attach(model, meta)
     return model
 
 
@@ -259,7 +260,7 @@ def _load_savedmodel(p: Path) -> Any:
 
 
 def _source_paths(model: Any) -> set[Path]:
-    meta = getattr(model, "_kmerge_meta", None) or {}
+    meta = meta_of(model) or {}
     paths = list(meta.get("source_paths", [])) if isinstance(meta, dict) else []
     info = load_info(model)
     if info is not None:
@@ -272,7 +273,7 @@ def save(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Pat
 
     The model is written to a hidden temporary file next to the target and moved into place
     with ``os.replace``, so the target is either untouched or complete. A model's
-    ``_kmerge_meta`` dict travels as a ``kmerge.json`` archive member (ignored by plain Keras).
+    metadata (:func:`kmerge.info`) travels as a ``kmerge.json`` archive member (ignored by plain Keras).
 
     Args:
         model: A built ``keras.Model``.
@@ -313,7 +314,7 @@ def save(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Pat
     if target.exists() and not overwrite:
         raise SaveError(f"{target}: already exists; pass overwrite=True to replace it, or choose "
                         "another path")
-    meta = getattr(model, "_kmerge_meta", None)
+    meta = meta_of(model)
     meta_json = None
     if meta is not None:
         try:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kmerge.errors import InvalidArgumentError, InvalidModelError
+from kmerge.metadata import meta_of
 
 if TYPE_CHECKING:
     import keras
@@ -187,7 +188,7 @@ def _check_args(out, models, final, sources, verify, task, batch_size):
     if sources:
         source_names = list(dict.fromkeys(sources))
     else:  # the sources the final merge records, as far as they were passed in
-        meta = getattr(models[final], "_kmerge_meta", None)
+        meta = meta_of(models[final])
         recorded = meta.get("sources", {}) if isinstance(meta, dict) else {}
         source_names = [n for n in names if n in recorded and n != final]
     return names, source_names
@@ -378,7 +379,7 @@ def _verify_json(verify: Mapping) -> dict:
 def _meta_notes(models: Mapping, names: list[str]) -> list[str]:
     lines = []
     for name in names:
-        meta = getattr(models[name], "_kmerge_meta", None)
+        meta = meta_of(models[name])
         if not isinstance(meta, dict):
             continue
         if isinstance(meta.get("sources"), dict) and meta.get("kind"):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from kmerge.errors import InvalidArgumentError, RecipeError
+from kmerge.metadata import meta_of
 from kmerge.recipe import BUILDS, DataSpec, HeadSpec, Recipe
 
 
@@ -210,7 +211,7 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: Path | None
                 batch_size=step.batch_size)
         elif kind == "verify":
             m = models[step.model]
-            meta = getattr(m, "_kmerge_meta", {}) or {}
+            meta = meta_of(m) or {}
             srcs = {n: models[n] for n in meta.get("sources", {}) if n in models}
             result.verify[step.model] = kmerge.verify(m, srcs)
             echo(str(result.verify[step.model]))

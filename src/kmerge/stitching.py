@@ -17,49 +17,39 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import tree
 
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, TapError
-from kmerge.graph.rebuild import (
-    LayerRef,
-    Rebuilder,
-    Rebuilt,
-    check_model,
-    graph_nodes,
-    graph_of,
-    input_specs,
-    is_graph_model,
-    is_symbolic,
-    rebuild,
-    resolve_ref,
-)
+from kmerge.graph import compiled
+from kmerge.graph.rebuild import Copier, LayerRef, check_model, input_specs, rebuild
+from kmerge.graph.replay import Call, is_graph_model, replay, resolve_ref, walk
+from kmerge.metadata import attach
 
 __all__ = ["stitch", "rebuild_from"]
 
 _MAX_ROWS = 200_000  # rows (samples x positions) used by the least-squares fit
 
 
-def _cut_node(model: keras.Model, ref: LayerRef, *, source: str):
-    """The single node of ``model``'s top-level layer ``ref`` (the graph is cut after it)."""
+def _cut(model: keras.Model, ref: LayerRef, *, source: str):
+    """The walk of ``model`` and the single call of its top-level layer ``ref`` (the cut)."""
     if not is_graph_model(model):
         raise TapError(
             f"model {source!r} is a subclassed {type(model).__name__}; stitching needs a "
             "Functional or Sequential model to cut"
         )
-    layer, _ = resolve_ref(model, ref, source=source)  # LayerNotFoundError with nearest names
-    graph = graph_of(model)
-    nodes = [n for n in graph_nodes(graph) if n.operation is layer]
-    if not nodes:
+    layer, _, _ = resolve_ref(model, ref, source=source)  # LayerNotFoundError, nearest names
+    w = walk(model)
+    calls = [c for c in w.calls_of(layer) if not c.path]
+    if not calls:
         raise TapError(
             f"layer {ref!r} of model {source!r} is inside a nested model or not connected; "
             f"stitch at a top-level layer of {source!r}: {[la.name for la in model.layers]}"
         )
-    if len(nodes) > 1 or len(nodes[0].outputs) != 1:
+    if len(calls) > 1 or len(calls[0].outputs) != 1:
         raise TapError(
-            f"layer {ref!r} of model {source!r} is called {len(nodes)} times or has several "
+            f"layer {ref!r} of model {source!r} is called {len(calls)} times or has several "
             "outputs; stitch at a layer with a single call and a single output"
         )
-    return graph, nodes[0]
+    return w, calls[0]
 
 
 def rebuild_from(
@@ -74,7 +64,7 @@ def rebuild_from(
     """Copy the part of ``model`` after layer ``ref`` onto ``tensor``; returns its outputs.
 
     ``tensor`` takes the place of the output of layer ``ref``: every layer that (directly or
-    through others) reads it is copied with a prefixed name and the source's exact weights,
+    through others) reads it is copied with a prefixed name and the source's exact state,
     as :func:`kmerge.graph.rebuild.rebuild` copies a whole model. Layer ``ref`` and everything
     before it are not copied.
 
@@ -92,48 +82,32 @@ def rebuild_from(
 
     >>> head_of_b = rebuild_from(b, "conv_3", stitched_tensor, name="b")
     """
-    graph, cut = _cut_node(model, ref, source=name)
-    want = tuple(cut.outputs[0].shape[1:])
+    w, cut = _cut(model, ref, source=name)
+    want = w.shape(cut.outputs[0])[1:]
     got = tuple(tensor.shape[1:])
     if want != got:
         raise IncompatibleModelsError(
             f"the tensor fed after layer {ref!r} of model {name!r} has shape {got}, but the "
             f"layer gives {want}"
         )
-    builder = Rebuilder(name, freeze=freeze, taken=taken if taken is not None else set(),
-                         copy=True)
-    builder.result = Rebuilt(name=name, model=model, inputs=[tensor], outputs=[], opaque=False)
-    tensors = {id(cut.outputs[0]): tensor}
-    for node in graph_nodes(graph):
-        if node is cut:
-            continue
-        ins = node.input_tensors
-        have = [id(t) in tensors for t in ins]
-        if not any(have):
-            continue  # before the cut, or on a branch that does not read it
-        if not all(have):
-            missing = [t._keras_history[0].name for t, h in zip(ins, have) if not h]
-            raise IncompatibleModelsError(
-                f"layer {node.operation.name!r} of model {name!r} comes after {ref!r} but also "
-                f"reads {missing}, from before it (a skip connection or another input); stitch "
-                "at a layer that cuts the graph in two, e.g. the end of a residual block"
-            )
-        args, kwargs = node.arguments.fill_in(tensors)
-        op = node.operation
-        if is_graph_model(op):
-            sub = [t for t in tree.flatten((args, kwargs)) if is_symbolic(t)]
-            outs = builder.inline(op, sub, (op.name,))
-        else:
-            outs = tree.flatten(builder.call_layer(op, (), args, kwargs))
-        for old, new in zip(node.outputs, outs):
-            tensors[id(old)] = new
-    missing = [t._keras_history[0].name for t in graph.outputs if id(t) not in tensors]
+    copier = Copier(name, freeze=freeze, taken=taken if taken is not None else set(), copy=True)
+
+    def partial(call: Call, missing: list[int]) -> None:
+        names = [w.producer_call(i).name if w.producer_call(i) else "input" for i in missing]
+        raise IncompatibleModelsError(
+            f"layer {call.name!r} of model {name!r} comes after {ref!r} but also reads "
+            f"{names}, from before it (a skip connection or another input); stitch at a layer "
+            "that cuts the graph in two, e.g. the end of a residual block"
+        )
+
+    values = replay(w, {cut.outputs[0]: tensor}, copier, on_partial=partial)
+    missing = [w.producer_call(i).name for i in w.outputs if i not in values]
     if missing:
         raise IncompatibleModelsError(
             f"output(s) {missing} of model {name!r} do not depend on layer {ref!r}; stitch at a "
             "layer on the path to every output"
         )
-    return [tensors[id(t)] for t in graph.outputs]
+    return [values[i] for i in w.outputs]
 
 
 def _stitch_layers(src_shape: tuple, dst_shape: tuple, *, taken: set[str]) -> list:
@@ -213,7 +187,7 @@ def stitch(
     :func:`kmerge.fit_head` then trains it on ``(x, y)`` with A's features cached. Both models
     stay frozen and untouched.
 
-    The stitching penalty is reported on ``model._kmerge_meta["stitch"]``: the score of ``b``
+    The stitching penalty is reported on ``kmerge.info(model)["stitch"]``: the score of ``b``
     alone, of the stitched model after least squares and after training (accuracy for class
     labels, else mean squared error), on ``validation_data`` if given, else on ``(x, y)``, and
     ``penalty = b_score - stitched_score``.
@@ -241,7 +215,7 @@ def stitch(
             connection across the cut.
 
     >>> m = kmerge.stitch(a, b, at=("conv_2", "conv_3"), x=x, y=y, epochs=3)
-    >>> m._kmerge_meta["stitch"]["penalty"]
+    >>> meta_of(m)["stitch"]["penalty"]
     0.004
     """
     a = check_model(a, "a")
@@ -260,7 +234,7 @@ def stitch(
     if not is_graph_model(a):
         raise TapError(f"model 'a' is a subclassed {type(a).__name__}; it cannot be cut")
     resolve_ref(a, ref_a, source="a")  # fail early with the nearest names
-    graph_b, cut_b = _cut_node(b, ref_b, source="b")
+    walk_b, cut_b = _cut(b, ref_b, source="b")
     x_np = np.asarray(keras.ops.convert_to_numpy(x)) if not isinstance(x, np.ndarray) else x
     y_np = np.asarray(keras.ops.convert_to_numpy(y)) if not isinstance(y, np.ndarray) else y
     if len(x_np) != len(y_np):
@@ -274,7 +248,7 @@ def stitch(
     inp = keras.Input(shape=shape, dtype=dtype, name="input")
     ra = rebuild(a, [inp], name="a", freeze=True, taken=taken)
     feat_a = ra.tap(ref_a)
-    dst = tuple(cut_b.outputs[0].shape[1:])
+    dst = walk_b.shape(cut_b.outputs[0])[1:]
     layers = _stitch_layers(tuple(feat_a.shape[1:]), dst, taken=taken)
     h = feat_a
     for layer in layers[:-1]:
@@ -287,8 +261,9 @@ def stitch(
 
     # Least squares: A's (resized / flattened) features -> B's features at the cut.
     fa = np.asarray(keras.Model(inp, pre).predict(x_np, batch_size=256, verbose=0))
-    fb = np.asarray(keras.Model(graph_b.inputs, cut_b.outputs[0]).predict(
-        x_np, batch_size=256, verbose=0))
+    b_ins = [walk_b.tensors[i] for i in walk_b.inputs]
+    fb = compiled.predict(keras.Model(b_ins[0] if len(b_ins) == 1 else b_ins,
+                                      walk_b.tensors[cut_b.outputs[0]]), x_np)[0]
     r2 = _least_squares(layers[-1], fa, fb, seed)
 
     xv, yv = (validation_data if validation_data is not None else (x_np, y_np))
@@ -325,7 +300,7 @@ def stitch(
         },
         "notes": [f"a: {n}" for n in ra.notes],
     }
-    object.__setattr__(model, "_kmerge_meta", meta)
+    attach(model, meta)
     return model
 
 

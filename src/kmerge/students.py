@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import keras
 
+from kmerge import _keras
 from kmerge.errors import InvalidArgumentError, InvalidModelError
 from kmerge.graph.rebuild import is_graph_model
 
@@ -44,7 +45,7 @@ def like(model: keras.Model, width: float = 0.5, *, seed: int | None = None,
         )
     if isinstance(width, bool) or not isinstance(width, int | float) or not width > 0:
         raise InvalidArgumentError(f"width must be a positive number, got {width!r}")
-    outputs = {id(t._keras_history[0]) for t in model.outputs}
+    outputs = {id(_keras.history(t)[0]) for t in model.outputs}
 
     def scaled(layer: keras.layers.Layer) -> keras.layers.Layer:
         config = layer.get_config()

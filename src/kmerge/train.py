@@ -36,16 +36,14 @@ from typing import Any
 import keras
 import numpy as np
 
+from kmerge import _keras
 from kmerge.errors import InvalidArgumentError, InvalidModelError, LayerNotFoundError
-from kmerge.graph.rebuild import graph_nodes, graph_of, is_graph_model
+from kmerge.graph import inference
+from kmerge.graph.replay import Walk, is_graph_model, replay, run_source_ops, walk
+from kmerge.metadata import meta_of
 
 __all__ = ["fit_head", "fine_tune", "StaleCacheWarning"]
 
-# Weightless layers whose output is random in training mode: they end the frozen part.
-_STOCHASTIC = {
-    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout",
-    "GaussianNoise", "AlphaDropout",
-}
 _CACHE_MODES = ("auto", "memory", "disk", None)
 _CHUNK = 256  # samples per forward pass of the frozen part
 
@@ -57,7 +55,7 @@ class StaleCacheWarning(UserWarning):
 # ----------------------------------------------------------------------------------------
 # the frozen / trainable split
 # ----------------------------------------------------------------------------------------
-def _functional(model: keras.Model) -> keras.Model:
+def _walk(model: keras.Model) -> Walk:
     if not isinstance(model, keras.Model):
         raise InvalidModelError(f"expected a keras.Model, got {type(model).__name__}")
     if not is_graph_model(model):
@@ -66,17 +64,7 @@ def _functional(model: keras.Model) -> keras.Model:
             "Functional and Sequential models into frozen and trainable parts. Call "
             "model.fit directly, or pass cache=None"
         )
-    return graph_of(model)
-
-
-def _is_stochastic(op: Any) -> bool:
-    if type(op).__name__ in _STOCHASTIC:
-        return True
-    # Random augmentation (RandomFlip, RandomRotation, ...) and any layer that draws random
-    # numbers owns a SeedGenerator.
-    if type(op).__name__.startswith("Random"):
-        return True
-    return any(isinstance(v, keras.random.SeedGenerator) for v in vars(op).values())
+    return walk(model)
 
 
 def _has_trainable(op: Any) -> bool:
@@ -87,13 +75,18 @@ def _has_trainable(op: Any) -> bool:
 class Split:
     """Where a model's frozen part ends: the tensors the trainable part reads from it."""
 
-    boundary: list  # frozen tensors read by trainable nodes (or model outputs)
+    walk: Walk
+    boundary: list[int]  # walk ids of frozen tensors read by trainable calls (or outputs)
     frozen_layers: list[str]
     trainable_layers: list[str]
-    trainable_nodes: list = field(default_factory=list)
+    trainable_calls: list = field(default_factory=list)
+
+    @property
+    def boundary_tensors(self) -> list:
+        return [self.walk.tensors[i] for i in self.boundary]
 
     def describe(self) -> str:
-        shapes = ", ".join(str(tuple(t.shape[1:])) for t in self.boundary)
+        shapes = ", ".join(str(self.walk.shape(i)[1:]) for i in self.boundary)
         return (f"{len(self.frozen_layers)} frozen layers computed once; "
                 f"{len(self.trainable_layers)} layers train on {len(self.boundary)} cached "
                 f"tensor(s) of shape {shapes}")
@@ -102,49 +95,58 @@ class Split:
 def split(model: keras.Model) -> Split:
     """Find the boundary between the frozen part and the trainable part of ``model``.
 
+    The frozen part is every call of an operation without trainable weights that is not
+    random in training mode (:func:`kmerge.graph.inference.is_random`) and reads only frozen
+    tensors.
+
     >>> s = split(merged)
-    >>> s.boundary  # the tensors computed once by fit_head
+    >>> s.boundary_tensors  # the tensors computed once by fit_head
     """
-    graph = _functional(model)
-    frozen: set[int] = {id(t) for t in graph.inputs}
-    trainable_nodes, frozen_names, train_names = [], [], []
-    for node in graph_nodes(graph):
-        op = node.operation
-        ins = node.input_tensors
-        if all(id(t) in frozen for t in ins) and not _has_trainable(op) and not _is_stochastic(op):
-            frozen.update(id(t) for t in node.outputs)
-            frozen_names.append(op.name)
+    w = _walk(model)
+    frozen: set[int] = set(w.inputs)
+    trainable_calls, frozen_names, train_names = [], [], []
+    for call in w.leaf_calls:
+        op = call.op
+        if (all(i in frozen for i in call.inputs) and not _has_trainable(op)
+                and not inference.is_random(op)):
+            frozen.update(call.outputs)
+            frozen_names.append(call.name)
         else:
-            trainable_nodes.append(node)
-            train_names.append(op.name)
-    boundary, seen = [], set()
-    consumers = [t for node in trainable_nodes for t in node.input_tensors] + list(graph.outputs)
-    for t in consumers:
-        if id(t) in frozen and id(t) not in seen:
-            seen.add(id(t))
-            boundary.append(t)
-    return Split(boundary, _unique(frozen_names), _unique(train_names), trainable_nodes)
+            trainable_calls.append(call)
+            train_names.append(call.name)
+    boundary: list[int] = []
+    for i in [i for c in trainable_calls for i in c.inputs] + list(w.outputs):
+        if i in frozen and i not in boundary:
+            boundary.append(i)
+    return Split(w, boundary, _unique(frozen_names), _unique(train_names), trainable_calls)
 
 
 def _unique(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _frozen_submodel(model: keras.Model, s: Split) -> keras.Model:
+    """The frozen part: the model's inputs to the boundary tensors."""
+    w = s.walk
+    if all(c is None or not c.path for c in map(w.producer_call, s.boundary)):
+        inputs, outputs = [w.tensors[i] for i in w.inputs], s.boundary_tensors
+    else:  # boundary inside a nested model: replay the frozen calls on new inputs
+        inputs = [keras.Input(shape=w.shape(i)[1:], dtype=w.tensors[i].dtype) for i in w.inputs]
+        trainable = {id(c) for c in s.trainable_calls}
+        values = replay(w, dict(zip(w.inputs, inputs)), run_source_ops,
+                        calls=[c for c in w.leaf_calls if id(c) not in trainable])
+        outputs = [values[i] for i in s.boundary]
+    return keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs,
+                       name=f"{model.name}_frozen_part")
+
+
 def _trainable_submodel(model: keras.Model, s: Split) -> keras.Model:
     """The trainable part as its own model on the boundary tensors, with the SAME layers."""
-    graph = _functional(model)
-    tensors: dict[int, Any] = {}
-    inputs = []
-    for i, t in enumerate(s.boundary):
-        new = keras.Input(shape=tuple(t.shape[1:]), dtype=t.dtype, name=f"boundary_{i}")
-        tensors[id(t)] = new
-        inputs.append(new)
-    for node in s.trainable_nodes:
-        args, kwargs = node.arguments.fill_in(tensors)
-        outs = keras.tree.flatten(node.operation(*args, **kwargs))
-        for old, new in zip(node.outputs, outs):
-            tensors[id(old)] = new
-    outputs = [tensors[id(t)] for t in graph.outputs]
+    w = s.walk
+    inputs = [keras.Input(shape=w.shape(i)[1:], dtype=w.tensors[i].dtype, name=f"boundary_{k}")
+              for k, i in enumerate(s.boundary)]
+    values = replay(w, dict(zip(s.boundary, inputs)), run_source_ops, calls=s.trainable_calls)
+    outputs = [values[i] for i in w.outputs]
     return keras.Model(inputs[0] if len(inputs) == 1 else inputs,
                        outputs[0] if len(outputs) == 1 else outputs,
                        name=f"{model.name}_trainable_part")
@@ -488,7 +490,7 @@ def _pad(xs: list, y, sw, devices: int):
 def output_activation(model: keras.Model) -> str | None:
     """Name of the activation the single output ends with ('softmax', 'sigmoid', ...)."""
     try:
-        layer = model.outputs[0]._keras_history[0]
+        layer = _keras.history(model.outputs[0])[0]
     except (AttributeError, IndexError, ValueError):
         return None
     if type(layer).__name__ == "Softmax":
@@ -710,7 +712,7 @@ def fit_head(
     batch_size = _check_positive("batch_size", batch_size)
     if cache not in _CACHE_MODES:
         raise InvalidArgumentError(f"cache must be one of {list(_CACHE_MODES)}, got {cache!r}")
-    _functional(model)
+    _walk(model)
     if not model.trainable_weights:
         raise InvalidArgumentError(
             f"model {model.name!r} has nothing trainable: every layer is frozen. Add a head "
@@ -750,8 +752,7 @@ def fit_head(
             extractor = None
         else:
             s = split(model)
-            ins = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-            extractor = keras.Model(ins, s.boundary, name=f"{model.name}_frozen_part")
+            extractor = _frozen_submodel(model, s)
             train_model = _trainable_submodel(model, s)
         mode = cache if cache in ("memory", "disk") else "auto"
         if src.kind == "pydataset" and cache is None:
@@ -804,7 +805,7 @@ def fit_head(
     history.set_model(model)
     history.kmerge = {
         "cache": None if cache is None else ("disk" if on_disk else "memory"),
-        "boundary": [] if s is None else [tuple(t.shape[1:]) for t in s.boundary],
+        "boundary": [] if s is None else [s.walk.shape(i)[1:] for i in s.boundary],
         "summary": "plain fit" if s is None else s.describe(),
         "feature_seconds": feature_seconds,
         "seed": seed,
@@ -840,10 +841,10 @@ def _plain_fit(model, src, x, *, epochs, validation_data, callbacks, verbose, op
 # ----------------------------------------------------------------------------------------
 def _source_layers(model: keras.Model) -> dict[str, list[keras.layers.Layer]]:
     """The merged model's layers per source, in graph order, by their name prefix."""
-    meta = getattr(model, "_kmerge_meta", None)
+    meta = meta_of(model)
     if not meta or not meta.get("sources"):
         raise InvalidArgumentError(
-            f"model {model.name!r} was not built by kmerge (no _kmerge_meta), so its sources "
+            f"model {model.name!r} was not built by kmerge (no kmerge metadata), so its sources "
             "are unknown; pass unfreeze=[layer names] instead of 'top:N'"
         )
     names = sorted(meta["sources"], key=len, reverse=True)  # longest prefix wins
@@ -870,7 +871,7 @@ def choose_layers(model: keras.Model, unfreeze: str | Sequence[str]) -> list[str
                 "layers of each frozen source, N >= 1) or a list of layer names"
             )
         k = int(unfreeze[4:])
-        meta = model._kmerge_meta if hasattr(model, "_kmerge_meta") else {}
+        meta = meta_of(model) or {}
         chosen = []
         for src, layers in _source_layers(model).items():
             if not meta["sources"][src].get("frozen", True):
@@ -928,7 +929,7 @@ def fine_tune(
     """Unfreeze the top layers of the frozen sources and train everything trainable, gently.
 
     ``unfreeze="top:N"`` picks the last N weighted layers (BatchNorm excluded) of each frozen
-    source, found by the layer-name prefixes in ``model._kmerge_meta["sources"]``; a list
+    source, found by the layer-name prefixes in ``kmerge.info(model)["sources"]``; a list
     names merged-model layers (``"a_dense_1"``). BatchNormalization stays frozen, so it keeps
     running in inference mode with its moving statistics. The model is compiled afresh with
     ``optimizer`` at ``learning_rate`` and trained with :func:`fit_head`, so whatever stays
@@ -955,7 +956,7 @@ def fine_tune(
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not (
             learning_rate > 0):
         raise InvalidArgumentError(f"learning_rate must be a positive number, got {learning_rate!r}")
-    _functional(model)
+    _walk(model)
     chosen = choose_layers(model, unfreeze)
     before = {n: model.get_layer(n).trainable for n in chosen}
     for n in chosen:

@@ -4,7 +4,11 @@ For every source in a merged model, kmerge evaluates the source on probe inputs 
 or generated from its input spec) and the merged model's tensors that correspond to the
 source's outputs and tapped layers, and compares them bit-exactly (``atol=0``; results
 are only comparable within one backend). The source side is computed by Keras's own graph
-of the source model, independently of kmerge's copy.
+of the source model (its own layer objects and weights), independently of kmerge's copy.
+Each side runs as one compiled function per batch (:mod:`kmerge.graph.compiled`).
+
+A check must check something: comparing no tensor, an empty batch, or non-finite values
+(NaN equals nothing, so it hides every difference) is a :class:`VerificationError`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,15 @@ import keras
 import numpy as np
 
 from kmerge.errors import InvalidArgumentError, InvalidModelError, VerificationError
-from kmerge.graph.build import resolve_tensor_ref
-from kmerge.graph.rebuild import input_specs, is_graph_model, resolve_ref
+from kmerge.graph.compiled import inference_fn
+from kmerge.graph.rebuild import input_specs
+from kmerge.graph.replay import (
+    find_tensor,
+    graph_of,
+    is_graph_model,
+    nested_inputs,
+    walk,
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return all(c.max_abs_diff <= self.atol for c in self.checks)
+        return bool(self.checks) and all(c.max_abs_diff <= self.atol for c in self.checks)
 
     def __str__(self) -> str:
         lines = [f"kmerge verify: {'OK' if self.ok else 'FAILED'} ({len(self.checks)} tensors, "
@@ -68,74 +79,80 @@ def probe(model: keras.Model, *, batch: int = 4, seed: int = 0) -> list[np.ndarr
     return out
 
 
-def _detached(variable) -> Any:
-    return keras.ops.convert_to_tensor(np.array(keras.ops.convert_to_numpy(variable.value)))
+def _source_values(model: keras.Model, name: str, taps: list,
+                   flat: list) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The source's outputs, and each tapped tensor, computed by the source's own graph.
 
-
-def _call(model: keras.Model, flat: list):
-    """Run ``model`` in inference mode with its weights passed as plain tensors.
-
-    Both sides of a comparison run this way: on torch, whether a weight requires grad
-    changes which matmul kernel runs (a frozen copy of an LSTM differs from its trainable
-    source in the last bit), so weights are detached on both sides.
+    Outputs and taps at the top level come from one compiled function of the source's
+    graph. A tap inside a nested model is reached one model at a time: the value reaching
+    the nested model's call is computed in the outer graph, then fed to the nested graph.
     """
-    struct = getattr(model, "_inputs_struct", None)
-    if struct is not None and not isinstance(model, keras.Sequential):
-        args = keras.tree.pack_sequence_as(struct, flat)
-    else:
-        args = flat[0] if len(flat) == 1 else flat
-    outputs, _ = model.stateless_call(
-        [_detached(v) for v in model.trainable_variables],
-        [_detached(v) for v in model.non_trainable_variables],
-        args,
-        **({"training": False} if getattr(model, "_call_has_training_arg", False) else {}),
-    )
-    return [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(outputs)]
+    if not is_graph_model(model):
+        return inference_fn(model)(flat), []
+    w = walk(model)
+    graph = graph_of(model)
+    found = [w.find(ref, source=name) for ref in taps]
+    top = [c.node.outputs[j] for c, j in found if not c.scope]
+    ins = graph.inputs[0] if len(graph.inputs) == 1 else list(graph.inputs)
+    values = inference_fn(keras.Model(ins, [*graph.outputs, *top]))(flat)
+    n_out = len(graph.outputs)
+    result: list[np.ndarray] = []
+    k = n_out
+    for call, j in found:
+        if not call.scope:
+            result.append(values[k])
+            k += 1
+            continue
+        current, feed = graph, flat
+        for outer in call.scope:
+            targets = nested_inputs(outer)
+            feed = _run_part(current, targets, feed)
+            current = graph_of(outer.op)
+        result.append(_run_part(current, [call.node.outputs[j]], feed)[0])
+    return values[:n_out], result
 
 
-def _source_tap(model: keras.Model, ref: Any, flat: list) -> np.ndarray:
-    """The value of layer ``ref`` of ``model`` on ``flat``, computed by Keras's own graph.
-
-    Nested paths are followed one model at a time: the value reaching the nested model
-    is computed in the outer graph, then fed to the nested model's own sub-graph.
-    """
-    if isinstance(ref, str) and "@" in ref:
-        text, _, k = ref.rpartition("@")
-        call = int(k)
-    else:
-        text, call = ref, 0
-    parts = text.split("/") if isinstance(text, str) else [text]
-    current, values = model, flat
-    for depth, part in enumerate(parts):
-        layer, _ = resolve_ref(current, part, source=model.name)
-        graph = getattr(current, "_functional", None) or current
-        nodes = [n for n in layer._inbound_nodes if _in_graph(graph, n)]
-        node = nodes[call if depth == len(parts) - 1 else 0]
-        last = depth == len(parts) - 1
-        targets = node.outputs if last else node.input_tensors
-        sub = keras.Model(graph.inputs, targets)
-        values = _call(sub, values)
-        current = layer
-    return values[0]
-
-
-def _in_graph(graph, node) -> bool:
-    return any(node in nodes for nodes in graph._nodes_by_depth.values())
+def _run_part(graph: Any, targets: list, flat: list) -> list[np.ndarray]:
+    ins = graph.inputs[0] if len(graph.inputs) == 1 else list(graph.inputs)
+    return inference_fn(keras.Model(ins, list(targets)))(flat)
 
 
 def _merged_inputs(merged: keras.Model, x: Any) -> dict[str, np.ndarray]:
+    """The given probe arrays by input name, checked before anything runs."""
     if x is None:
         return {}
-    names = [t.name for t in merged.inputs]
+    inputs = {t.name: t for t in merged.inputs}
+    names = list(inputs)
     if isinstance(x, Mapping):
         unknown = set(x) - set(names)
         if unknown:
             raise InvalidArgumentError(f"x has keys {sorted(unknown)}; the inputs are {names}")
-        return {k: np.asarray(v) for k, v in x.items()}
-    arrays = list(x) if isinstance(x, list | tuple) else [x]
-    if len(arrays) != len(names):
-        raise InvalidArgumentError(f"x gives {len(arrays)} arrays for {len(names)} inputs {names}")
-    return {n: np.asarray(a) for n, a in zip(names, arrays)}
+        given = {k: np.asarray(v) for k, v in x.items()}
+    else:
+        arrays = list(x) if isinstance(x, list | tuple) else [x]
+        if len(arrays) != len(names):
+            raise InvalidArgumentError(
+                f"x gives {len(arrays)} arrays for {len(names)} inputs {names}")
+        given = {n: np.asarray(a) for n, a in zip(names, arrays)}
+    for n, a in given.items():
+        want = tuple(inputs[n].shape[1:])
+        if a.ndim != len(want) + 1 or any(
+                w is not None and w != g for w, g in zip(want, a.shape[1:])):
+            raise InvalidArgumentError(
+                f"x for input {n!r} of model {merged.name!r} has shape {a.shape}; the input "
+                f"takes (batch, {', '.join('?' if d is None else str(d) for d in want)})"
+            )
+        if a.shape[0] == 0:
+            raise VerificationError(
+                f"x for input {n!r} holds no example: a check on an empty batch compares "
+                "nothing; pass at least one example"
+            )
+        if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
+            raise VerificationError(
+                f"x for input {n!r} holds NaN or infinite values: they would make the "
+                "comparison meaningless (NaN equals nothing); pass finite inputs"
+            )
+    return given
 
 
 def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None, *,
@@ -144,29 +161,41 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
 
     Args:
         merged: A model built by kmerge (in memory, or loaded with ``kmerge.load``).
-        sources: ``{name: model}`` as given to the builder; None checks nothing.
+        sources: ``{name: model}`` as given to the builder (at least one).
         x: Probe inputs for the merged model (array, list, or dict by input name);
             generated from the input specs when None.
         atol: Largest allowed absolute difference (0 = bit-exact).
-        batch: Probe batch size when generating.
+        batch: Probe batch size when generating (at least 1).
         seed: Seed for generated probes.
 
     Returns:
         A :class:`VerifyReport`.
 
     Raises:
-        VerificationError: With the worst mismatch, when a tensor differs by more than atol.
+        VerificationError: With the worst mismatch, when a tensor differs by more than atol;
+            also when the check would compare nothing (no source, no recorded tensor, an
+            empty batch) or compares non-finite values.
 
     >>> kmerge.verify(m, {"a": a, "b": b}).ok
     True
     """
-    meta = getattr(merged, "_kmerge_meta", None)
-    if not isinstance(meta, dict) or "sources" not in meta:
+    from kmerge.metadata import info
+
+    meta = info(merged)
+    if meta is None or "sources" not in meta:
         raise InvalidModelError(
             f"model {getattr(merged, 'name', merged)!r} carries no kmerge metadata; verify "
             "works on models built by kmerge (load saved ones with kmerge.load)"
         )
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise VerificationError(
+            f"batch={batch!r}: a check on an empty batch compares nothing; use batch >= 1")
     sources = dict(sources or {})
+    if not sources:
+        raise VerificationError(
+            "no source given: verify compares the merge with its sources; pass them as "
+            f"{{name: model}} (this merge's sources are {list(meta['sources'])})"
+        )
     unknown = set(sources) - set(meta["sources"])
     if unknown:
         raise InvalidArgumentError(
@@ -174,37 +203,42 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
             f"{list(meta['sources'])}"
         )
     given = _merged_inputs(merged, x)
+    mw = walk(merged)
     report = VerifyReport(atol=float(atol))
     for name, src in sources.items():
-        info = meta["sources"][name]
-        in_tensors = [resolve_tensor_ref(merged, r) for r in info["inputs"]]
+        entry = meta["sources"][name]
+        in_ids = [find_tensor(mw, r) for r in entry["inputs"]]
         generated = probe(src, batch=batch, seed=seed)
         flat = []
-        for t, g in zip(in_tensors, generated):
-            flat.append(given.get(t.name, g) if t in merged.inputs else g)
-        targets: list[tuple[str, Any, Any]] = []
-        if info["outputs"]:
-            expected = _call(src, flat)
-            for i, r in enumerate(info["outputs"]):
-                targets.append((f"output {i}", resolve_tensor_ref(merged, r), expected[i]))
-        for ref, r in info.get("taps", []):
-            if not is_graph_model(src):
-                continue
-            targets.append((f"tap {ref!r}", resolve_tensor_ref(merged, r),
-                            _source_tap(src, ref, flat)))
-        if not targets:
+        for i, g in zip(in_ids, generated):
+            t = mw.tensors[i]
+            flat.append(given.get(t.name, g) if i in mw.inputs else g)
+        taps = entry.get("taps", []) if is_graph_model(src) else []
+        outputs = entry["outputs"]
+        if not outputs and not taps:
             continue
-        sub = keras.Model(in_tensors, [t for _, t, _ in targets])
-        got = _call(sub, flat)
-        for (what, _, want), have in zip(targets, got):
-            diff = _max_diff(want, have, name, what)
-            report.checks.append(Check(name, what, tuple(want.shape), diff))
+        src_outs, src_taps = _source_values(src, name, [ref for ref, _ in taps], flat)
+        want = (src_outs if outputs else []) + src_taps
+        what = [f"output {i}" for i in range(len(outputs))] + [f"tap {r!r}" for r, _ in taps]
+        targets = [find_tensor(mw, r) for r in outputs] + [find_tensor(mw, r) for _, r in taps]
+        ins = [mw.tensors[i] for i in in_ids]
+        sub = keras.Model(ins[0] if len(ins) == 1 else ins, [mw.tensors[i] for i in targets])
+        have = inference_fn(sub)(flat)
+        for label, a, b in zip(what, want, have):
+            report.checks.append(Check(name, label, tuple(a.shape),
+                                       _max_diff(a, b, name, label)))
+    if not report.checks:
+        raise VerificationError(
+            f"nothing to compare: the metadata of {merged.name!r} records no output or tap of "
+            f"the given sources {list(sources)}; a check that compares nothing proves nothing"
+        )
     if not report.ok:
         worst = max(report.checks, key=lambda c: c.max_abs_diff)
         raise VerificationError(
             f"merged model does not reproduce source {worst.source!r} at {worst.what}: "
-            f"max |diff| = {worst.max_abs_diff:.6g} > atol {atol:g}. Were the source's weights "
-            "changed after merging, or the merge trained with the source unfrozen?\n" + str(report)
+            f"max |diff| = {worst.max_abs_diff:.6g} > atol {atol:g}. The source's weights may "
+            "have changed after merging, or the merge was trained with the source unfrozen; "
+            "if neither, this is a kmerge bug: please report it with the model\n" + str(report)
         )
     return report
 
@@ -214,8 +248,13 @@ def _max_diff(want: np.ndarray, have: np.ndarray, name: str, what: str) -> float
         raise VerificationError(
             f"source {name!r} {what}: merged tensor has shape {have.shape}, source {want.shape}"
         )
-    if not np.all(np.isfinite(have) == np.isfinite(want)):
-        return float("inf")
-    both = np.isfinite(want)
-    return float(np.max(np.abs(want[both].astype("float64") - have[both].astype("float64")),
-                        initial=0.0))
+    for side, arr in (("source", want), ("merged model", have)):
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            raise VerificationError(
+                f"source {name!r} {what}: the {side} computes NaN or infinite values on the "
+                "probe batch, so the comparison would hide any difference; pass finite probe "
+                "inputs the source handles (x=...)"
+            )
+    if want.size == 0:
+        raise VerificationError(f"source {name!r} {what}: the tensor is empty; nothing compared")
+    return float(np.max(np.abs(want.astype("float64") - have.astype("float64")), initial=0.0))

@@ -34,10 +34,10 @@ class AdapterStep:
     trainable: bool
 
     def describe(self) -> str:
-        return f"{self.kind} {_fmt(self.from_shape)} -> {_fmt(self.to_shape)}"
+        return f"{self.kind} {fmt(self.from_shape)} -> {fmt(self.to_shape)}"
 
 
-def _fmt(shape: Shape) -> str:
+def fmt(shape: Shape) -> str:
     return "(" + ", ".join("None" if d is None else str(d) for d in (None, *shape)) + ")"
 
 
@@ -125,5 +125,5 @@ def adapt(tensor, steps: list[AdapterStep], *, name: str, taken: set[str]):
 
 def mismatch_error(what_a: str, shape_a: Shape, what_b: str, shape_b: Shape, fix: str):
     return IncompatibleModelsError(
-        f"{what_a} gives {_fmt(shape_a)} but {what_b} expects {_fmt(shape_b)}; {fix}"
+        f"{what_a} gives {fmt(shape_a)} but {what_b} expects {fmt(shape_b)}; {fix}"
     )

@@ -15,6 +15,8 @@ import keras
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph import adapters as _adapters
 from kmerge.graph.rebuild import Rebuilt, check_model, input_specs, rebuild
+from kmerge.graph.replay import tensor_ref, walk
+from kmerge.metadata import attach
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 FREEZE_DOC = "freeze must be True, False, or a set of source names"
@@ -98,18 +100,6 @@ def source_path(model: keras.Model) -> str | None:
     return info.path if info else None
 
 
-def tensor_ref(t) -> list:
-    """A reference to a graph tensor that survives save/load: (layer, node, index)."""
-    op, node_index, tensor_index = t._keras_history
-    return [op.name, int(node_index), int(tensor_index)]
-
-
-def resolve_tensor_ref(model: keras.Model, ref: Sequence) -> Any:
-    layer_name, node_index, tensor_index = ref
-    layer = model.get_layer(layer_name)
-    return layer._inbound_nodes[node_index].outputs[tensor_index]
-
-
 def shape_of(t) -> tuple:
     return tuple(t.shape[1:])
 
@@ -168,6 +158,7 @@ class GraphBuilder:
         self.taken: set[str] = set()
         self.inputs: list = []
         self.rebuilt: dict[str, Rebuilt] = {}
+        self.taps: dict[str, list[tuple[Any, Any]]] = {}  # source -> [(ref, tensor)]
         self.adapters: list[dict] = []
         self.combine_name: str | None = None
         self.head = "none"
@@ -208,7 +199,14 @@ class GraphBuilder:
         r = rebuild(self.sources[name], inputs, name=name, freeze=name in self.frozen,
                     taken=self.taken, copy=not self.dry_run)
         self.rebuilt[name] = r
+        self.taps[name] = []
         return r
+
+    def tap(self, name: str, ref: Any):
+        """The merged-graph tensor of source ``name``'s layer ``ref``; recorded for verify."""
+        t = self.rebuilt[name].tap(ref)
+        self.taps[name].append((ref, t))
+        return t
 
     def output_of(self, name: str, choice: Any = None):
         """The single output of source ``name`` (``choice`` picks one of several)."""
@@ -265,8 +263,8 @@ class GraphBuilder:
             if mode != "auto":
                 raise IncompatibleModelsError(
                     f"combine={op!r} is element-wise, but branch {names[0]!r} gives "
-                    f"{_adapters._fmt(target)} and branch {n!r} gives "
-                    f"{_adapters._fmt(shape_of(t))}; use combine='concat', or pass "
+                    f"{_adapters.fmt(target)} and branch {n!r} gives "
+                    f"{_adapters.fmt(shape_of(t))}; use combine='concat', or pass "
                     'adapter="auto" to project them to one shape'
                 )
             out[n] = self.adapt(t, target, where=n, mode="auto", fix="", what_a=n,
@@ -275,20 +273,23 @@ class GraphBuilder:
 
     # -- finish -------------------------------------------------------------------
     def finish(self, output, *, verify: bool, probe=None):
-        model = keras.Model(self.inputs, output, name=self.name)
-        present = {layer.name for layer in model.layers}
+        ins = self.inputs[0] if len(self.inputs) == 1 else self.inputs
+        model = keras.Model(ins, output, name=self.name)
+        w = walk(model)
+        present = {id(t) for t in w.tensors}
 
         def refs(tensors):  # only tensors the finished model computes (fuse drops tails)
-            out = [tensor_ref(t) for t in tensors]
-            return out if all(r[0] in present for r in out) else []
+            if not all(id(t) in present for t in tensors):
+                return []
+            return [tensor_ref(w, t) for t in tensors]
 
         meta = {
             "kind": self.kind,
             "sources": {
                 n: {
-                    "inputs": [tensor_ref(t) for t in r.inputs],
+                    "inputs": [tensor_ref(w, t) for t in r.inputs],
                     "outputs": refs(r.outputs),
-                    "taps": [[ref, tensor_ref(t)] for ref, t in r.taps],
+                    "taps": [[ref, tensor_ref(w, t)] for ref, t in self.taps[n]],
                     "frozen": n in self.frozen,
                     "path": source_path(self.sources[n]),
                 }
@@ -302,7 +303,7 @@ class GraphBuilder:
             ),
             "notes": [f"{n}: {note}" for n, r in self.rebuilt.items() for note in r.notes],
         }
-        object.__setattr__(model, "_kmerge_meta", meta)
+        attach(model, meta)
         if self.dry_run:
             return self.plan(model, meta)
         if verify:
@@ -321,17 +322,17 @@ class GraphBuilder:
                 "name": n,
                 "inputs": [t.name for t in r.inputs] if r.inputs and hasattr(r.inputs[0], "name")
                 else [],
-                "uses": getattr(r, "uses", "output"),
-                "shape": ", ".join(_adapters._fmt(shape_of(t))
-                                   for t in ([t for _, t in r.taps] or r.outputs)),
+                "uses": ", ".join(str(ref) for ref, _ in self.taps[n]) or "output",
+                "shape": ", ".join(_adapters.fmt(shape_of(t))
+                                   for t in ([t for _, t in self.taps[n]] or r.outputs)),
                 "params": int(m.count_params()),
                 "frozen": n in self.frozen,
             })
-        out_shapes = [_adapters._fmt(shape_of(t)) for t in model.outputs]
+        out_shapes = [_adapters.fmt(shape_of(t)) for t in model.outputs]
         return Plan(
             kind=self.kind, name=self.name, branches=branches, adapters=self.adapters,
             combine=self.combine_name, head=self.head,
-            inputs=[f"{t.name} {_adapters._fmt(shape_of(t))}" for t in model.inputs],
+            inputs=[f"{t.name} {_adapters.fmt(shape_of(t))}" for t in model.inputs],
             output_shape=", ".join(out_shapes), trainable_params=int(trainable),
             frozen_params=int(total - trainable), notes=meta["notes"],
         )
@@ -341,7 +342,9 @@ def _output_names(model: keras.Model) -> list[str]:
     names = getattr(model, "output_names", None)
     if names and len(names) == len(model.outputs):
         return list(names)
-    return [t._keras_history[0].name for t in model.outputs]
+    from kmerge import _keras
+
+    return [_keras.history(t)[0].name for t in model.outputs]
 
 
 def check_adapter_mode(adapter: str) -> str:

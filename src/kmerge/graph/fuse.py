@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -129,12 +130,10 @@ def fuse(
     inputs = builder.inputs_for(list(sources), share=share_inputs)
     feats = {}
     for n in sources:
-        r = builder.add_source(n, inputs[n])
-        r.uses = ", ".join(str(ref) for ref in refs[n])
+        builder.add_source(n, inputs[n])
         for ref in refs[n]:
-            key = n if len(refs[n]) == 1 else f"{n}_{str(ref).replace('/', '_').replace('@', '_')}"
-            feats[key] = r.tap(ref)
-            r.taps.append((ref, feats[key]))
+            key = n if len(refs[n]) == 1 else f"{n}_{re.sub(r'[^A-Za-z0-9_]', '_', str(ref))}"
+            feats[key] = builder.tap(n, ref)
     feats = _align(builder, feats, pooling)
     x = combine_branches(builder, feats, combine=combine, adapter=mode, weights=fixed)
     x = apply_head(head, x, name="head")

@@ -89,3 +89,50 @@ class Stack(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         first = tuple(input_shape[0])
         return (first[0], len(input_shape), *first[1:])
+
+
+@_register
+class Inference(keras.layers.Layer):
+    """Runs the wrapped (frozen) layer in inference mode on every call, inside ``fit`` too.
+
+    A Keras functional graph passes the fit-time ``training=True`` to every layer that takes
+    ``training``; a frozen source must still compute its inference function. Layers whose
+    randomness lives inside them (recurrent and attention dropout, random augmentation, a
+    custom layer holding a ``SeedGenerator``) are wrapped in this layer, which takes no
+    ``training`` itself and calls the wrapped layer with ``training=False``. The wrapped layer
+    keeps its weights and config; the wrapper serializes it, so the merge saves and loads.
+    """
+
+    def __init__(self, layer, **kwargs):
+        if isinstance(layer, dict):
+            layer = keras.saving.deserialize_keras_object(layer)
+        super().__init__(**kwargs)
+        self.layer = layer
+        self.supports_masking = True
+        from kmerge import _keras
+
+        self._inner_training = _keras.call_has_training_arg(layer)
+        self._inner_mask = "mask" in _call_params(layer)
+
+    def call(self, inputs, *args, mask=None, **kwargs):
+        if mask is not None and self._inner_mask and "mask" not in kwargs:
+            kwargs["mask"] = mask
+        if self._inner_training:
+            kwargs["training"] = False
+        return self.layer(inputs, *args, **kwargs)
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return self.layer.compute_mask(inputs, previous_mask)
+
+    def get_config(self):
+        return {**super().get_config(),
+                "layer": keras.saving.serialize_keras_object(self.layer)}
+
+
+def _call_params(layer) -> tuple[str, ...]:
+    import inspect
+
+    try:
+        return tuple(inspect.signature(layer.call).parameters)
+    except (TypeError, ValueError):
+        return ()

@@ -23,7 +23,7 @@ def sequential(
     Args:
         models: A list or dict of models (or paths), first to last.
         adapter: ``"auto"`` inserts the least lossy adapter where shapes differ
-            (reported in the plan and in ``model._kmerge_meta["adapters"]``); ``"none"``
+            (reported in the plan and in ``kmerge.info(model)["adapters"]``); ``"none"``
             raises :class:`~kmerge.errors.IncompatibleModelsError` instead.
         freeze: ``True``, ``False``, or a set of source names to freeze.
         name: Name of the merged model.

@@ -16,7 +16,7 @@ The permutation spec is derived from the Keras graph, not written by hand:
   stream is one group); ``Concatenate`` lays its inputs' groups side by side; ``Flatten``
   after a conv repeats the channel group over positions (index ``pos * C + c``);
 * layers kmerge cannot reason about (recurrent, attention, custom, most reshapes) *fence*:
-  every group reaching them is left unpermuted, and the result's ``_kmerge_meta`` says which.
+  every group reaching them is left unpermuted, and the result's ``kmerge.info`` says which.
   Model inputs and outputs are never permuted.
 
 All matching math is NumPy (float64), so the result is the same on every backend.
@@ -30,10 +30,11 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import tree
 
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, InvalidModelError
+from kmerge.graph import replay
 from kmerge.graph.rebuild import check_model, input_specs, is_graph_model, rebuild
+from kmerge.metadata import attach
 
 METHODS = ("weights", "activations")
 
@@ -64,46 +65,23 @@ class _Walk:
 
 
 def _walk(model: keras.Model) -> _Walk:
-    walk = _Walk(model)
+    """The permutation-spec view of kmerge's one graph walk (same tensor ids, same calls)."""
+    w = replay.walk(model)
+    out = _Walk(model, inputs=list(w.inputs), outputs=list(w.outputs))
+    out.shapes = [w.shape(i) for i in range(len(w.tensors))]
+    out.producer = [None] * len(w.tensors)
     index: dict[int, int] = {}
-    calls: dict[int, int] = {}
-
-    def new_tensor(t, producer) -> int:
-        walk.shapes.append(tuple(t.shape))
-        walk.producer.append(producer)
-        return len(walk.shapes) - 1
-
-    def inline(m: keras.Model, inputs: list[int], path: tuple[str, ...]) -> list[int]:
-        graph = m._functional if isinstance(m, keras.Sequential) else m
-        tensors = {id(x): y for x, y in zip(graph.inputs, inputs)}
-        for depth in sorted(graph._nodes_by_depth, reverse=True):  # the order rebuild uses
-            for node in graph._nodes_by_depth[depth]:
-                op = node.operation
-                if op is None or node.is_input:
-                    continue
-                if any(id(x) not in tensors for x in node.input_tensors):
-                    continue
-                ins = [tensors[id(x)] for x in node.input_tensors]
-                if is_graph_model(op):
-                    outs = inline(op, ins, (*path, op.name))
-                else:
-                    if id(op) not in index:
-                        index[id(op)] = len(walk.layers)
-                        walk.layers.append(op)
-                        walk.names.append("/".join((*path, op.name)))
-                    k = calls.get(id(op), 0)
-                    calls[id(op)] = k + 1
-                    n = len(walk.nodes)
-                    outs = [new_tensor(t, (n, j)) for j, t in enumerate(tree.flatten(node.outputs))]
-                    walk.nodes.append(_Node(index[id(op)], k, ins, outs))
-                for x, y in zip(node.outputs, outs):
-                    tensors[id(x)] = y
-        return [tensors[id(x)] for x in graph.outputs]
-
-    graph = model._functional if isinstance(model, keras.Sequential) else model
-    walk.inputs = [new_tensor(t, None) for t in graph.inputs]
-    walk.outputs = inline(model, list(walk.inputs), ())
-    return walk
+    for call in w.leaf_calls:
+        if id(call.op) not in index:
+            index[id(call.op)] = len(out.layers)
+            out.layers.append(call.op)
+            out.names.append(call.name)
+        n = len(out.nodes)
+        for j, t in enumerate(call.outputs):
+            out.producer[t] = (n, j)
+        out.nodes.append(_Node(index[id(call.op)], call.index, list(call.inputs),
+                               list(call.outputs)))
+    return out
 
 
 _IGNORED_CONFIG = {"name", "trainable", "seed", "dtype"}
@@ -629,7 +607,7 @@ def random_permute(model: keras.Model, *, seed: int = 0) -> keras.Model:
         seed: Seed of the shuffle.
 
     Returns:
-        A new model; ``_kmerge_meta["perms"]`` holds each group's permutation.
+        A new model; ``kmerge.info(new)["perms"]`` holds each group's permutation.
 
     Example:
         >>> shuffled = random_permute(model, seed=1)
@@ -640,7 +618,7 @@ def random_permute(model: keras.Model, *, seed: int = 0) -> keras.Model:
     rng = np.random.default_rng(seed)
     perms = {g: rng.permutation(spec.groups[g].size) for g in spec.active()}
     new = _model_with(model, _permuted(spec, _arrays(model), perms))
-    object.__setattr__(new, "_kmerge_meta", {"kind": "random_permute",
+    attach(new, {"kind": "random_permute",
                                              "perms": [perms[g].tolist() for g in perms]})
     return new
 
@@ -731,11 +709,7 @@ def tap_model(walk: _Walk, taps: Sequence[tuple[int, int, str]]) -> tuple[keras.
     rb = rebuild(model, inputs, name=f"{model.name}_tap", freeze=True, taken=set())
 
     def tensor(t: int):
-        where = walk.producer[t]
-        if where is None:
-            return inputs[walk.inputs.index(t)]
-        node = walk.nodes[where[0]]
-        return rb.calls[id(walk.layers[node.layer])][node.call][where[1]]
+        return rb.values[t]
 
     outs = []
     pre_layers: dict[int, keras.layers.Layer] = {}
@@ -747,14 +721,14 @@ def tap_model(walk: _Walk, taps: Sequence[tuple[int, int, str]]) -> tuple[keras.
         layer = walk.layers[node.layer]
         if node.layer not in pre_layers:
             cfg = layer.get_config()
-            cfg.update(activation="linear", name=f"{rb.layers[id(layer)].name}_preact")
+            cfg.update(activation="linear", name=f"{rb.copy_of(layer).name}_preact")
             pre = type(layer).from_config(cfg)
             pre.trainable = False
             pre_layers[node.layer] = pre
         pre = pre_layers[node.layer]
         x = pre(tensor(node.inputs[0]))
         if len(pre.weights) == len(layer.weights):
-            for a, b in zip(rb.layers[id(layer)].weights, pre.weights):
+            for a, b in zip(rb.copy_of(layer).weights, pre.weights):
                 b.assign(keras.ops.convert_to_numpy(a.value))
         outs.append(x)
     return keras.Model(inputs, outs), rb
@@ -876,7 +850,7 @@ def align(
         batch_size: Batch size for the activation pass.
 
     Returns:
-        A new model (a clone of ``other``) with permuted weights. Its ``_kmerge_meta`` holds
+        A new model (a clone of ``other``) with permuted weights. Its ``kmerge.info`` holds
         ``{"kind": "align", "method", "groups": [{"size", "layers"}], "fenced":
         [{"layer", "reason"}], "iterations"}``.
 
@@ -888,7 +862,7 @@ def align(
 
     Example:
         >>> b_aligned = kmerge.align(a, b)                       # weight matching
-        >>> b_aligned._kmerge_meta["groups"]
+        >>> meta_of(b_aligned)["groups"]
         [{'size': 128, 'layers': ['dense']}, {'size': 128, 'layers': ['dense_1']}]
         >>> b_act = kmerge.align(a, b, method="activations", data=x_train[:1000])
     """
@@ -931,7 +905,7 @@ def align(
     else:
         perms, iterations = _activation_matching(spec, ref_spec.walk, data, batch_size), 1
     new = _model_with(other, _permuted(spec, other_arrays, perms))
-    object.__setattr__(new, "_kmerge_meta", {
+    attach(new, {
         "kind": "align",
         "method": method,
         "groups": spec.describe(),

@@ -24,6 +24,7 @@ from kmerge.errors import (
     InvalidArgumentError,
     InvalidModelError,
 )
+from kmerge.metadata import attach
 from kmerge.weights.methods import merge_methods, supplied_params, user_params
 
 __all__ = ["merge_weights", "MergeCollapseWarning", "method_names", "COLLAPSE_RATIO"]
@@ -413,11 +414,17 @@ def dense_grams(model, x, *, samples: int = 256) -> dict[int, np.ndarray]:
     """
     import keras
 
-    dense = [layer for layer in getattr(model, "layers", [])
-             if isinstance(layer, keras.layers.Dense) and len(layer._inbound_nodes) == 1]
-    if not dense or getattr(model, "inputs", None) is None:
+    from kmerge.graph.replay import is_graph_model, walk
+
+    if not is_graph_model(model):
         return {}
-    probe = keras.Model(model.inputs, [layer.input for layer in dense])
+    w = walk(model)
+    calls = [c for c in w.leaf_calls if isinstance(c.op, keras.layers.Dense) and not c.path
+             and len(w.calls_of(c.op)) == 1]
+    dense = [c.op for c in calls]
+    if not dense:
+        return {}
+    probe = keras.Model(model.inputs, [w.tensors[c.inputs[0]] for c in calls])
     outs = probe.predict(np.asarray(x)[:samples], batch_size=256, verbose=0)
     if len(dense) == 1 and not isinstance(outs, list):
         outs = [outs]
@@ -544,7 +551,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
             ``seed``, ``then``, ``floor``, ``alpha``, ``samples``); unknown names are refused.
 
     Returns:
-        A new model of the first model's architecture. ``merged._kmerge_meta`` holds the
+        A new model of the first model's architecture. ``kmerge.info(merged)`` holds the
         method, parameters, normalised weights, source paths, per-variable drift (relative L2
         distance to each source) and, with labelled data, accuracies; :func:`kmerge.save`
         writes it into the file. The sources are not modified.
@@ -558,7 +565,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
     >>> soup = merge_weights([a, b, c], method="linear")  # doctest: +SKIP
     >>> m = merge_weights([ft1, ft2], method="ties", base=pre, density=0.2,
     ...                   params={r".*dense_1/kernel": {"density": 0.5}})  # doctest: +SKIP
-    >>> m._kmerge_meta["drift"]["dense_1/kernel"]  # doctest: +SKIP
+    >>> meta_of(m)["drift"]["dense_1/kernel"]  # doctest: +SKIP
     [0.41, 0.39]
     """
     # --- validate every argument before loading or computing anything
@@ -703,7 +710,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
                 "; independently trained models need align='activations' (or 'weights') and "
                 "repair=..., fine-tunes need a shared base", MergeCollapseWarning, stacklevel=2)
     meta.pop("accuracy_sources", None)
-    object.__setattr__(merged_model, "_kmerge_meta", meta)
+    attach(merged_model, meta)
     return merged_model
 
 

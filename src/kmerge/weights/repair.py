@@ -26,6 +26,7 @@ import numpy as np
 
 from kmerge.errors import InvalidArgumentError, InvalidModelError
 from kmerge.graph.rebuild import check_model, is_graph_model
+from kmerge.metadata import attach, meta_of
 from kmerge.weights.align import _check_same, _Walk, _walk, run_taps, tap_model
 
 METHODS = ("bn", "repair")
@@ -219,7 +220,7 @@ def repair(
             to one); default uniform, e.g. ``(1 - t, t)`` for a two-model interpolation.
 
     Returns:
-        ``merged``, whose ``_kmerge_meta["repair"]`` lists what was changed.
+        ``merged``, whose ``kmerge.info(merged)["repair"]`` lists what was changed.
 
     Raises:
         InvalidArgumentError: Unknown ``method``, ``data=None``, bad ``weights``, or nothing
@@ -270,9 +271,9 @@ def repair(
             w = w / w.sum()
         info = {"method": "repair", "weights": w.tolist(),
                 "layers": _repair(merged, walk, sources, w, data, batch_size)}
-    meta = getattr(merged, "_kmerge_meta", None)
+    meta = meta_of(merged)
     meta = dict(meta) if isinstance(meta, dict) else {"kind": "repair"}
     meta["repair"] = info
-    object.__setattr__(merged, "_kmerge_meta", meta)
+    attach(merged, meta)
     return merged
 
