@@ -29,7 +29,7 @@ def _ridge(features: np.ndarray, targets: np.ndarray, lam: float = 1e-1):
 
 
 def _fit_last(model: keras.Model, x: np.ndarray, targets: np.ndarray, scale: float = 1.0):
-    feats = keras.Model(model.inputs, model.layers[-2].output).predict(x, verbose=0)
+    feats = keras.Model(model.inputs[0], model.layers[-2].output).predict(x, verbose=0)
     w, b = _ridge(feats.reshape(len(x), -1), targets)
     model.layers[-1].set_weights([w * scale, b * scale])
     return model

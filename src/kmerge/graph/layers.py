@@ -109,6 +109,8 @@ class Inference(keras.layers.Layer):
         super().__init__(**kwargs)
         self.layer = layer
         self.supports_masking = True
+        # The wrapped layer builds itself on its first call; the wrapper has no state.
+        self.built = True
         from kmerge import _keras
 
         self._inner_training = _keras.call_has_training_arg(layer)

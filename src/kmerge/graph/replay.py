@@ -374,3 +374,10 @@ def nested_inputs(call: Call) -> list:
     """The graph tensors a nested model's call feeds to the nested model's inputs."""
     args, _ = _keras.node_call_args(call.node)
     return [t for t in tree.flatten(args) if isinstance(t, keras.KerasTensor)]
+
+
+def submodel(inputs: list, outputs: Any, *, name: str | None = None) -> keras.Model:
+    """``keras.Model(inputs, outputs)`` with a single input passed as a tensor, not a list
+    of one (Keras warns on every call when the structure it was built with differs)."""
+    inputs = list(inputs)
+    return keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name=name)

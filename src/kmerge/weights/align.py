@@ -84,6 +84,11 @@ def _walk(model: keras.Model) -> _Walk:
     return out
 
 
+def _weights(op: Any) -> list:
+    """The weights of a layer; none for a keras.ops operation (NotEqual, Add, ...)."""
+    return list(getattr(op, "weights", None) or [])
+
+
 _IGNORED_CONFIG = {"name", "trainable", "seed", "dtype"}
 
 
@@ -112,7 +117,7 @@ def _check_same(ref: _Walk, other: _Walk, names: tuple[str, str]) -> None:
                 f"models {a!r} and {b!r} differ at {where}: {type(la).__name__} vs "
                 f"{type(lb).__name__}; alignment needs the same architecture"
             )
-        wa, wb = la.weights, lb.weights
+        wa, wb = _weights(la), _weights(lb)
         sa, sb = [tuple(w.shape) for w in wa], [tuple(w.shape) for w in wb]
         if sa != sb:
             raise IncompatibleModelsError(
@@ -453,7 +458,7 @@ def _is_last_axis(axis, rank: int) -> bool:
 def _batchnorm(spec, li, layer, ins, in_shapes, out_shapes):
     if not _is_last_axis(layer.axis, len(in_shapes[0])):
         return spec.fence(ins, li, f"normalizes axis {layer.axis}, not the feature axis")
-    for var in layer.weights:
+    for var in _weights(layer):
         spec.bind(li, var, [ins[0]])
     return [ins[0]]
 
@@ -463,7 +468,7 @@ def _layernorm(spec, li, layer, ins, in_shapes, out_shapes):
     if not _is_last_axis(getattr(layer, "axis", -1), len(in_shapes[0])):
         return spec.fence(ins, li, f"normalizes over axes {layer.axis}; only the last axis "
                           "is supported")
-    for var in layer.weights:
+    for var in _weights(layer):
         spec.bind(li, var, [None] * (len(var.shape) - 1) + [ins[0]])
     return [ins[0]]
 
@@ -634,7 +639,7 @@ def _weight_matching(spec: _Spec, ref: dict[int, np.ndarray], ref_ids: dict[int,
     perms = {g: np.arange(spec.groups[g].size) for g in groups}
     # Which (variable, axis) pairs each group touches; only trainable weights enter the
     # objective (moving statistics are permuted along, but are not "the function").
-    trainable = {id(v) for layer in spec.walk.layers for v in layer.trainable_weights}
+    trainable = {id(v) for layer in spec.walk.layers for v in getattr(layer, "trainable_weights", [])}
     touches: dict[int, list[tuple[int, int, np.ndarray]]] = {g: [] for g in groups}
     for vid, (_, axes) in spec.bindings.items():
         if vid not in trainable:
@@ -896,7 +901,7 @@ def align(
     # Pair variables by position in the walk (the architectures are the same).
     ref_ids = {}
     for la, lb in zip(ref_spec.walk.layers, spec.walk.layers):
-        for va, vb in zip(la.weights, lb.weights):
+        for va, vb in zip(_weights(la), _weights(lb)):
             ref_ids[id(vb)] = id(va)
     ref_arrays, other_arrays = _arrays(reference), _arrays(other)
     if method == "weights":

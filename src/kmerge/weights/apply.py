@@ -414,7 +414,7 @@ def dense_grams(model, x, *, samples: int = 256) -> dict[int, np.ndarray]:
     """
     import keras
 
-    from kmerge.graph.replay import is_graph_model, walk
+    from kmerge.graph.replay import is_graph_model, submodel, walk
 
     if not is_graph_model(model):
         return {}
@@ -424,7 +424,7 @@ def dense_grams(model, x, *, samples: int = 256) -> dict[int, np.ndarray]:
     dense = [c.op for c in calls]
     if not dense:
         return {}
-    probe = keras.Model(model.inputs, [w.tensors[c.inputs[0]] for c in calls])
+    probe = submodel(model.inputs, [w.tensors[c.inputs[0]] for c in calls])
     outs = probe.predict(np.asarray(x)[:samples], batch_size=256, verbose=0)
     if len(dense) == 1 and not isinstance(outs, list):
         outs = [outs]

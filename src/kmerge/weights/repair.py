@@ -26,6 +26,7 @@ import numpy as np
 
 from kmerge.errors import InvalidArgumentError, InvalidModelError
 from kmerge.graph.rebuild import check_model, is_graph_model
+from kmerge.graph.replay import submodel
 from kmerge.metadata import attach, meta_of
 from kmerge.weights.align import _check_same, _Walk, _walk, run_taps, tap_model
 
@@ -116,7 +117,7 @@ def _reset_bn(merged: keras.Model, walk: _Walk, data: Any, batch_size: int) -> l
     for li in bn_layers:
         layer = walk.layers[li]
         outs = [sub.outputs[i] for i, (_, owner) in enumerate(taps) if owner == li]
-        probe = keras.Model(sub.inputs, outs)
+        probe = submodel(sub.inputs, outs)
         rank = len(outs[0].shape)
         axis = layer.axis if layer.axis >= 0 else rank + layer.axis
         moments = _Moments()
@@ -165,7 +166,7 @@ def _repair(merged: keras.Model, walk: _Walk, sources: list[keras.Model],
     for li in targets:
         layer = walk.layers[li]
         outs = [sub.outputs[i] for i, (_, owner) in enumerate(taps) if owner == li]
-        probe = keras.Model(sub.inputs, outs)
+        probe = submodel(sub.inputs, outs)
         moments = _Moments()
         for batch in run_taps(probe, data, batch_size):
             for x in batch:
