@@ -172,9 +172,10 @@ class Copier:
                 copy_state(op, new.layer if isinstance(new, Inference) else new,
                            source=self.prefix)
             if isinstance(new, keras.layers.Layer) and not new.trainable:
-                # Again after the build: sub-layers created in build() (the query/key/value
-                # projections of MultiHeadAttention) did not exist at the first freeze.
-                new.trainable = False
+                # Again after the build, at every depth: sub-layers created in build() (the
+                # query/key/value projections of MultiHeadAttention) missed the first freeze.
+                for sub in _keras.sublayers(new):
+                    sub.trainable = False
         return outputs
 
 
