@@ -21,7 +21,7 @@ import numpy as np
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, TapError
 from kmerge.graph import compiled
 from kmerge.graph.rebuild import Copier, LayerRef, check_model, input_specs, rebuild
-from kmerge.graph.replay import Call, is_graph_model, replay, resolve_ref, walk
+from kmerge.graph.replay import Call, is_graph_model, replay, resolve_ref, submodel, walk
 from kmerge.metadata import attach
 
 __all__ = ["stitch", "rebuild_from"]
@@ -262,8 +262,7 @@ def stitch(
     # Least squares: A's (resized / flattened) features -> B's features at the cut.
     fa = np.asarray(keras.Model(inp, pre).predict(x_np, batch_size=256, verbose=0))
     b_ins = [walk_b.tensors[i] for i in walk_b.inputs]
-    fb = compiled.predict(keras.Model(b_ins[0] if len(b_ins) == 1 else b_ins,
-                                      walk_b.tensors[cut_b.outputs[0]]), x_np)[0]
+    fb = compiled.predict(submodel(b_ins, walk_b.tensors[cut_b.outputs[0]]), x_np)[0]
     r2 = _least_squares(layers[-1], fa, fb, seed)
 
     xv, yv = (validation_data if validation_data is not None else (x_np, y_np))

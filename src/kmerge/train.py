@@ -39,7 +39,7 @@ import numpy as np
 from kmerge import _keras
 from kmerge.errors import InvalidArgumentError, InvalidModelError, LayerNotFoundError
 from kmerge.graph import inference
-from kmerge.graph.replay import Walk, is_graph_model, replay, run_source_ops, walk
+from kmerge.graph.replay import Walk, is_graph_model, replay, run_source_ops, submodel, walk
 from kmerge.metadata import meta_of
 
 __all__ = ["fit_head", "fine_tune", "StaleCacheWarning"]
@@ -136,8 +136,7 @@ def _frozen_submodel(model: keras.Model, s: Split) -> keras.Model:
         values = replay(w, dict(zip(w.inputs, inputs)), run_source_ops,
                         calls=[c for c in w.leaf_calls if id(c) not in trainable])
         outputs = [values[i] for i in s.boundary]
-    return keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs,
-                       name=f"{model.name}_frozen_part")
+    return submodel(inputs, outputs, name=f"{model.name}_frozen_part")
 
 
 def _trainable_submodel(model: keras.Model, s: Split) -> keras.Model:

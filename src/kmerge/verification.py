@@ -28,6 +28,7 @@ from kmerge.graph.replay import (
     graph_of,
     is_graph_model,
     nested_inputs,
+    submodel,
     walk,
 )
 
@@ -93,8 +94,7 @@ def _source_values(model: keras.Model, name: str, taps: list,
     graph = graph_of(model)
     found = [w.find(ref, source=name) for ref in taps]
     top = [c.node.outputs[j] for c, j in found if not c.scope]
-    ins = graph.inputs[0] if len(graph.inputs) == 1 else list(graph.inputs)
-    values = inference_fn(keras.Model(ins, [*graph.outputs, *top]))(flat)
+    values = inference_fn(submodel(graph.inputs, [*graph.outputs, *top]))(flat)
     n_out = len(graph.outputs)
     result: list[np.ndarray] = []
     k = n_out
@@ -113,8 +113,7 @@ def _source_values(model: keras.Model, name: str, taps: list,
 
 
 def _run_part(graph: Any, targets: list, flat: list) -> list[np.ndarray]:
-    ins = graph.inputs[0] if len(graph.inputs) == 1 else list(graph.inputs)
-    return inference_fn(keras.Model(ins, list(targets)))(flat)
+    return inference_fn(submodel(graph.inputs, list(targets)))(flat)
 
 
 def _merged_inputs(merged: keras.Model, x: Any) -> dict[str, np.ndarray]:
@@ -222,7 +221,7 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
         what = [f"output {i}" for i in range(len(outputs))] + [f"tap {r!r}" for r, _ in taps]
         targets = [find_tensor(mw, r) for r in outputs] + [find_tensor(mw, r) for _, r in taps]
         ins = [mw.tensors[i] for i in in_ids]
-        sub = keras.Model(ins[0] if len(ins) == 1 else ins, [mw.tensors[i] for i in targets])
+        sub = submodel(ins, [mw.tensors[i] for i in targets])
         have = inference_fn(sub)(flat)
         for label, a, b in zip(what, want, have):
             report.checks.append(Check(name, label, tuple(a.shape),

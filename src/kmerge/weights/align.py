@@ -736,7 +736,7 @@ def tap_model(walk: _Walk, taps: Sequence[tuple[int, int, str]]) -> tuple[keras.
             for a, b in zip(rb.copy_of(layer).weights, pre.weights):
                 b.assign(keras.ops.convert_to_numpy(a.value))
         outs.append(x)
-    return keras.Model(inputs, outs), rb
+    return replay.submodel(inputs, outs), rb
 
 
 def run_taps(sub: keras.Model, data: Any, batch_size: int):
