@@ -129,11 +129,15 @@ def sublayers(layer: Any) -> list:
 def seed_generators(layer: Any) -> Iterator[Any]:
     """Every ``keras.random.SeedGenerator`` held by ``layer`` or any of its sub-layers.
 
-    Why private-ish: Keras tracks seed generators only as plain attributes (``vars``).
+    Why private: Keras tracks a layer's generators in ``_seed_generators`` (they are not
+    variables); plain attributes are read too, for layers that bypass the tracker.
     """
+    seen: set[int] = set()
     for sub in sublayers(layer):
-        for value in vars(sub).values():
-            if isinstance(value, keras.random.SeedGenerator):
+        candidates = list(getattr(sub, "_seed_generators", None) or []) + list(vars(sub).values())
+        for value in candidates:
+            if isinstance(value, keras.random.SeedGenerator) and id(value) not in seen:
+                seen.add(id(value))
                 yield value
 
 

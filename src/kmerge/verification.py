@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from kmerge.errors import InvalidArgumentError, InvalidModelError, VerificationError
-from kmerge.graph.compiled import inference_fn
+from kmerge.graph.compiled import Job, run_all
 from kmerge.graph.rebuild import input_specs
 from kmerge.graph.replay import (
     find_tensor,
@@ -80,40 +80,37 @@ def probe(model: keras.Model, *, batch: int = 4, seed: int = 0) -> list[np.ndarr
     return out
 
 
-def _source_values(model: keras.Model, name: str, taps: list,
-                   flat: list) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The source's outputs, and each tapped tensor, computed by the source's own graph.
+def _source_jobs(model: keras.Model, name: str, taps: list, flat: list) -> tuple[Job, list]:
+    """The compiled job that computes the source's outputs and its top-level taps, and for
+    each tap its place: an index into that job's outputs, or the nested calls to follow.
 
-    Outputs and taps at the top level come from one compiled function of the source's
-    graph. A tap inside a nested model is reached one model at a time: the value reaching
-    the nested model's call is computed in the outer graph, then fed to the nested graph.
+    Everything at the top level comes from one function of the source's own graph. A tap
+    inside a nested model is reached one model at a time (:func:`_nested_tap`).
     """
     if not is_graph_model(model):
-        return inference_fn(model)(flat), []
+        return Job(model, flat), []
     w = walk(model)
     graph = graph_of(model)
     found = [w.find(ref, source=name) for ref in taps]
     top = [c.node.outputs[j] for c, j in found if not c.scope]
-    values = inference_fn(submodel(graph.inputs, [*graph.outputs, *top]))(flat)
-    n_out = len(graph.outputs)
-    result: list[np.ndarray] = []
-    k = n_out
+    places, k = [], len(graph.outputs)
     for call, j in found:
-        if not call.scope:
-            result.append(values[k])
+        if call.scope:
+            places.append((call, j))
+        else:
+            places.append(k)
             k += 1
-            continue
-        current, feed = graph, flat
-        for outer in call.scope:
-            targets = nested_inputs(outer)
-            feed = _run_part(current, targets, feed)
-            current = graph_of(outer.op)
-        result.append(_run_part(current, [call.node.outputs[j]], feed)[0])
-    return values[:n_out], result
+    return Job(submodel(graph.inputs, [*graph.outputs, *top]), flat), places
 
 
-def _run_part(graph: Any, targets: list, flat: list) -> list[np.ndarray]:
-    return inference_fn(submodel(graph.inputs, list(targets)))(flat)
+def _nested_tap(model: keras.Model, call: Any, j: int, flat: list) -> np.ndarray:
+    """The value of a tap inside nested models: the value reaching each nested model's call
+    is computed in the outer graph, then fed to the nested graph."""
+    current, feed = graph_of(model), flat
+    for outer in call.scope:
+        feed = run_all([Job(submodel(current.inputs, nested_inputs(outer)), feed)])[0]
+        current = graph_of(outer.op)
+    return run_all([Job(submodel(current.inputs, [call.node.outputs[j]]), feed)])[0][0]
 
 
 def _merged_inputs(merged: keras.Model, x: Any) -> dict[str, np.ndarray]:
@@ -204,26 +201,32 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
     given = _merged_inputs(merged, x)
     mw = walk(merged)
     report = VerifyReport(atol=float(atol))
+    plans = []  # (name, labels, source job, tap places, merged job)
     for name, src in sources.items():
         entry = meta["sources"][name]
         in_ids = [find_tensor(mw, r) for r in entry["inputs"]]
         generated = probe(src, batch=batch, seed=seed)
-        flat = []
-        for i, g in zip(in_ids, generated):
-            t = mw.tensors[i]
-            flat.append(given.get(t.name, g) if i in mw.inputs else g)
+        flat = [given.get(mw.tensors[i].name, g) if i in mw.inputs else g
+                for i, g in zip(in_ids, generated)]
         taps = entry.get("taps", []) if is_graph_model(src) else []
         outputs = entry["outputs"]
         if not outputs and not taps:
             continue
-        src_outs, src_taps = _source_values(src, name, [ref for ref, _ in taps], flat)
-        want = (src_outs if outputs else []) + src_taps
-        what = [f"output {i}" for i in range(len(outputs))] + [f"tap {r!r}" for r, _ in taps]
+        source_job, places = _source_jobs(src, name, [ref for ref, _ in taps], flat)
         targets = [find_tensor(mw, r) for r in outputs] + [find_tensor(mw, r) for _, r in taps]
-        ins = [mw.tensors[i] for i in in_ids]
-        sub = submodel(ins, [mw.tensors[i] for i in targets])
-        have = inference_fn(sub)(flat)
-        for label, a, b in zip(what, want, have):
+        merged_job = Job(submodel([mw.tensors[i] for i in in_ids],
+                                  [mw.tensors[i] for i in targets]), flat)
+        labels = [f"output {i}" for i in range(len(outputs))] + [f"tap {r!r}" for r, _ in taps]
+        plans.append((name, src, labels, len(outputs), source_job, places, merged_job))
+    # Each source next to its copy: on jax, identical programs compile once.
+    results = run_all([job for p in plans for job in (p[4], p[6])])
+    for k, (name, src, labels, n_out, _, places, _) in enumerate(plans):
+        src_values, have = results[2 * k], results[2 * k + 1]
+        want = list(src_values[:n_out])
+        for place in places:
+            want.append(src_values[place] if isinstance(place, int)
+                        else _nested_tap(src, *place, plans[k][4].flat))
+        for label, a, b in zip(labels, want, have):
             report.checks.append(Check(name, label, tuple(a.shape),
                                        _max_diff(a, b, name, label)))
     if not report.checks:
