@@ -39,7 +39,7 @@ _SCRIPT = textwrap.dedent("""
                                 keras.layers.Dense(8, activation="relu"),
                                 keras.layers.Dense(3, activation="softmax")])
     kmerge.distill(m, student, x, y=y, epochs=2, batch_size=10, seed=0, verbose=0)
-    out["distill"] = student._kmerge_distill["history"]
+    out["distill"] = kmerge.info(student)["distill"]["history"]
     print("RESULT" + json.dumps(out))
 """)
 

@@ -146,7 +146,7 @@ def test_distill_ensemble_caches_teacher_outputs_and_learns():
     assert out is student
     calls = _Counting.calls
     assert calls <= 2  # traced once (and maybe once more): not once per batch per epoch
-    hist = student._kmerge_distill["history"]["loss"]
+    hist = kmerge.info(student)["distill"]["history"]["loss"]
     assert hist[-1] < hist[0]
     assert not same_weights(w0, [np.array(w) for w in student.get_weights()])
     assert student.get_layer("out").activation.__name__ == "softmax"  # restored

@@ -32,8 +32,8 @@ _EXPORTS = {
     "merge_weights": "kmerge.weights.apply",
     "merge_methods": "kmerge.weights.methods",
     "align": "kmerge.weights.align",
-    "fit_head": "kmerge.train",
-    "fine_tune": "kmerge.train",
+    "fit_head": "kmerge.training.fit",
+    "fine_tune": "kmerge.training.fit",
     "stitch": "kmerge.stitching",
     "distill": "kmerge.distillation",
     "students": "kmerge.students",  # a module

@@ -20,6 +20,7 @@ import numpy as np
 from kmerge import _keras
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph.rebuild import check_model
+from kmerge.metadata import attach, meta_of
 
 __all__ = ["distill", "teacher_logits"]
 
@@ -43,7 +44,7 @@ def teacher_logits(teachers: Sequence[keras.Model], x: np.ndarray, *, batch_size
 
     >>> t = teacher_logits([a, b], x)  # (n, classes)
     """
-    from kmerge.train import _pad, device_count
+    from kmerge.training.data import device_count, pad
 
     devices = device_count()
     total = None
@@ -51,7 +52,7 @@ def teacher_logits(teachers: Sequence[keras.Model], x: np.ndarray, *, batch_size
         parts = []
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
-            padded = _pad([xb], np.zeros(len(xb)), None, devices)[0]
+            padded = pad([xb], np.zeros(len(xb)), None, devices)[0]
             parts.append(np.asarray(keras.ops.convert_to_numpy(t.predict_on_batch(padded)))[
                 :len(xb)])
         out = np.concatenate(parts).astype("float64")
@@ -147,20 +148,15 @@ def distill(
         callbacks: Keras callbacks (they see the training wrapper; ``.student`` is the student).
 
     Returns:
-        The trained ``student``; ``student._kmerge_distill`` holds the loss history.
+        The trained ``student``; ``kmerge.info(student)["distill"]`` holds the loss history.
 
     Raises:
         IncompatibleModelsError: the teacher and student output shapes differ.
 
     >>> student = kmerge.distill([a, b], kmerge.students.like(a, width=0.5), x, y=y, epochs=5)
     """
-    from kmerge.train import (
-        _Feed,
-        _fresh_optimizer,
-        check_labels,
-        device_count,
-        output_activation,
-    )
+    from kmerge.training.data import Feed, device_count
+    from kmerge.training.losses import check_labels, fresh_optimizer, output_activation
 
     teachers = list(teacher) if isinstance(teacher, list | tuple) else [teacher]
     if not teachers:
@@ -226,23 +222,24 @@ def distill(
     saved = out_layer.activation if swap else None
     trainer = _Trainer(student, classes=classes, temperature=temperature, alpha=alpha,
                        labels=labels, student_probs=student_probs)
-    feed = _Feed(xs=[x], y=packed, batch_size=batch_size, shuffle=True, seed=seed,
+    feed = Feed(xs=[x], y=packed, batch_size=batch_size, shuffle=True, seed=seed,
                  devices=device_count())
     try:
         if swap:
             out_layer.activation = keras.activations.linear
-        trainer.compile(optimizer=_fresh_optimizer(optimizer))
+        trainer.compile(optimizer=fresh_optimizer(optimizer))
         history = trainer.fit(feed, epochs=epochs, verbose=verbose, shuffle=False,
                               callbacks=list(callbacks or []))
     finally:
         if swap:
             out_layer.activation = saved
-    object.__setattr__(student, "_kmerge_distill", {
+    meta = meta_of(student) or {}
+    attach(student, {**meta, "distill": {
         "teachers": [t.name for t in teachers],
         "temperature": float(temperature),
         "alpha": float(alpha),
         "labels": labels,
         "history": dict(history.history),
         "seed": seed,
-    })
+    }})
     return student

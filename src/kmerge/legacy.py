@@ -322,19 +322,12 @@ def load_h5_weights(group: h5py.Group, model: Any, *, where: str) -> None:
 
 def _deserialize(config: dict, *, safe_mode: bool, custom_objects: dict | None) -> Any:
     import keras
-    from keras.src.legacy.saving import saving_options, saving_utils
+
+    from kmerge import _keras
 
     objects = {**keras.saving.get_custom_objects(), **(custom_objects or {})}
-    with saving_options.keras_option_scope(use_legacy_config=True), \
-            keras.saving.custom_object_scope(objects), \
-            _safe_mode_scope(safe_mode):
-        return saving_utils.model_from_config(config, custom_objects=objects)
-
-
-def _safe_mode_scope(safe_mode: bool):
-    from keras.src.saving import serialization_lib
-
-    return serialization_lib.SafeModeScope(safe_mode)
+    with keras.saving.custom_object_scope(objects), _keras.safe_mode_scope(safe_mode):
+        return _keras.legacy_model_from_config(config, custom_objects=objects)
 
 
 def load_keras2(f: h5py.File, *, where: str, safe_mode: bool = True,

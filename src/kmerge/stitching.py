@@ -304,7 +304,7 @@ def stitch(
 
 
 def _fit_stitch(model, x, y, *, epochs, batch_size, validation_data, loss, seed, verbose):
-    from kmerge.train import fit_head
+    from kmerge.training.fit import fit_head
 
     return fit_head(model, x, y, epochs=epochs, batch_size=batch_size,
                     validation_data=validation_data, loss=loss, seed=seed, verbose=verbose)

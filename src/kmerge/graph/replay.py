@@ -9,7 +9,7 @@ nested model's own call is recorded too (``inlined=True``) so it can be tapped. 
 numbered (walk ids); each call reads and writes walk ids.
 
 :func:`replay` re-invokes the calls on new tensors (symbolic or concrete), exactly as
-``keras.src.ops.function.Function._run_through_graph`` does: each node's recorded arguments,
+Keras's own ``Function`` runs a graph does: each node's recorded arguments,
 constants, keyword arguments and explicit masks are filled in, and a caller-given function
 decides what runs in place of each operation (a prefixed copy, the source layer itself).
 Masks travel as Keras makes them travel: a copied ``Embedding`` attaches its mask to its
@@ -91,6 +91,11 @@ class Walk:
     inputs: list[int] = field(default_factory=list)
     outputs: list[int] = field(default_factory=list)
     _by_op: dict[int, list[Call]] = field(default_factory=dict)
+
+    def record(self, call: Call) -> None:
+        """Append a call (used while the walk is built)."""
+        self.calls.append(call)
+        self._by_op.setdefault(id(call.op), []).append(call)
 
     # -- reading --------------------------------------------------------------------------
     @property
@@ -245,10 +250,6 @@ def walk(model: keras.Model) -> Walk:
         w.producer.append(producer)
         return len(w.tensors) - 1
 
-    def add(call: Call) -> None:
-        w.calls.append(call)
-        w._by_op.setdefault(id(call.op), []).append(call)
-
     def inline(g: Any, inputs: list[int], path: tuple[str, ...], scope: tuple) -> list[int]:
         ids = {id(x): y for x, y in zip(g.inputs, inputs)}
         for node in _keras.graph_nodes(g):
@@ -256,7 +257,7 @@ def walk(model: keras.Model) -> Walk:
             if any(id(x) not in ids for x in node.input_tensors):
                 continue  # not computable from the inputs (Keras skips it too)
             ins = tuple(ids[id(x)] for x in node.input_tensors)
-            index = len(w._by_op.get(id(op), []))
+            index = len(w.calls_of(op))
             if is_graph_model(op):
                 sub = graph_of(op)
                 own = Call(op, path, index, node, ins, (), scope, inlined=True)
@@ -268,11 +269,11 @@ def walk(model: keras.Model) -> Walk:
                     )
                 outs = inline(sub, [ids[id(t)] for t in arg_tensors], (*path, op.name),
                               (*scope, own))
-                add(Call(op, path, index, node, ins, tuple(outs), scope, inlined=True))
+                w.record(Call(op, path, index, node, ins, tuple(outs), scope, inlined=True))
             else:
                 n = len(w.calls)
                 outs = [new_tensor(t, (n, j)) for j, t in enumerate(node.outputs)]
-                add(Call(op, path, index, node, ins, tuple(outs), scope))
+                w.record(Call(op, path, index, node, ins, tuple(outs), scope))
             for x, y in zip(node.outputs, outs):
                 ids[id(x)] = y
         missing = [x for x in g.outputs if id(x) not in ids]

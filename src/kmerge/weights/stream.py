@@ -196,14 +196,11 @@ def _skeleton(config: dict):
     """The model built from its config without allocating any variable."""
     try:
         import keras
-        from keras.src.backend.common import global_state
 
-        before = list(global_state.get_global_attribute("uninitialized_variables") or [])
-        with keras.StatelessScope(initialize_variables=False):
-            model = keras.models.model_from_json(json.dumps(config))
-        # Forget the skeleton's variables so no later scope initializes them.
-        global_state.set_global_attribute("uninitialized_variables", before)
-        return model
+        from kmerge import _keras
+
+        with _keras.skeleton_scope():
+            return keras.models.model_from_json(json.dumps(config))
     except Exception:  # custom or unusual models: names fall back to vars/<i>
         return None
 

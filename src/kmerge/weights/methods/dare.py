@@ -9,7 +9,7 @@ import numpy as np
 
 from kmerge.errors import InvalidArgumentError
 from kmerge.weights.methods import merge_methods
-from kmerge.weights.methods._sparse import (
+from kmerge.weights.methods.sparse import (
     check_fraction,
     disjoint_mean,
     elect_sign,

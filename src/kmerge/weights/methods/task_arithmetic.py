@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kmerge.weights.methods import merge_methods
-from kmerge.weights.methods._sparse import task_vectors
+from kmerge.weights.methods.sparse import task_vectors
 
 
 @merge_methods.register("task_arithmetic")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kmerge.weights.methods import merge_methods
-from kmerge.weights.methods._sparse import (
+from kmerge.weights.methods.sparse import (
     check_fraction,
     disjoint_mean,
     elect_sign,
