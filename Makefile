@@ -5,7 +5,7 @@ BACKEND ?= jax
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all test-oldest bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,24 @@ demo: $(VENV)/.ready-jax
 test: $(VENV)/.ready-$(BACKEND)
 	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The oldest Keras pyproject.toml admits ("keras>=X"), on jax, in a venv of its own.
+KERAS_OLDEST := $(shell sed -n 's/.*"keras>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+OLDEST := .venv-oldest
+
+$(OLDEST)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q --upgrade pip
+	$(OLDEST)/bin/pip install -q -e ".[dev,jax]" "keras==$(KERAS_OLDEST)"
+	touch $@
+
+test-oldest: $(OLDEST)/.ready
+	KERAS_BACKEND=jax OMP_NUM_THREADS=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
 test-all:
 	$(MAKE) test BACKEND=jax
 	$(MAKE) test BACKEND=tensorflow
 	$(MAKE) test BACKEND=torch
+	$(MAKE) test-oldest
 
 bench: $(VENV)/.ready-jax $(VENV)/.ready-bench
 	for b in bench/bench_*.py; do KERAS_BACKEND=jax $(BIN)/python $$b || exit 1; done
@@ -34,4 +48,4 @@ lint: $(VENV)/.ready-jax
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(OLDEST) build *.egg-info src/*.egg-info

@@ -8,7 +8,7 @@ import pytest
 
 from kmerge.errors import InvalidArgumentError
 from kmerge.weights.methods import merge_methods, supplied_params, user_params
-from kmerge.weights.methods._sparse import disjoint_mean, elect_sign, trim_top_k
+from kmerge.weights.methods.sparse import disjoint_mean, elect_sign, trim_top_k
 
 
 def call(name, tensors, **kw):

@@ -154,23 +154,30 @@ def test_weights_created_in_init_are_copied():
     np.testing.assert_array_equal(predict(m, x)[:, :3], predict(a, x))
 
 
-def test_adapted_normalization_and_discretization_keep_their_state():
+def _adapted(layer, data):
+    try:
+        layer.adapt(data)
+    except ImportError as exc:  # Keras < 3.13 adapts some layers through tensorflow only
+        pytest.skip(f"{type(layer).__name__}.adapt needs tensorflow in this Keras: {exc}")
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["Normalization", "Discretization"])
+def test_adapted_preprocessing_layers_keep_their_state(kind):
     rng = np.random.default_rng(0)
     data = (rng.normal(size=(64, 4)) * 5 + 3).astype("float32")
-    norm = keras.layers.Normalization()
-    norm.adapt(data)
-    disc = keras.layers.Discretization(num_bins=4)
-    disc.adapt(data)
+    layer = _adapted(keras.layers.Normalization() if kind == "Normalization"
+                     else keras.layers.Discretization(num_bins=4), data)
     inp = keras.Input((4,))
-    a = keras.Model(inp, [norm(inp), keras.ops.cast(disc(inp), "float32")])
-    m = kmerge.parallel({"a": a, "b": a}, combine="concat", output={"a": 0, "b": 1},
-                        verify=False)
+    a = keras.Model(inp, keras.ops.cast(layer(inp), "float32"))
+    m = kmerge.parallel({"a": a, "b": a}, combine="concat", verify=False)
     x = data[:5]
-    out = predict(m, x)
-    want_norm, want_disc = [np.asarray(keras.ops.convert_to_numpy(t)) for t in a(x)]
-    np.testing.assert_array_equal(out[:, :4], want_norm)
-    np.testing.assert_array_equal(out[:, 4:], want_disc)
-    assert abs(float(want_norm.mean())) < 1.0  # really normalized, not passed through
+    want = predict(a, x)
+    np.testing.assert_array_equal(predict(m, x)[:, :4], want)
+    if kind == "Normalization":
+        assert abs(float(want.mean())) < 1.0  # really normalized, not passed through
+    else:
+        assert len(np.unique(want)) > 1  # really binned
 
 
 def test_adapted_lookup_layers_keep_their_vocabulary():
