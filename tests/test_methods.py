@@ -50,8 +50,10 @@ def test_ties_reference():
     # mass: [-1, 2, 3, 2] -> signs [-, +, +, +]; disjoint means: [-2.5, 2, 3, 2]
     out = call("ties", [t1, t2, t3], weights=[1 / 3] * 3, base=base, density=0.5)
     np.testing.assert_allclose(out, [-2.5, 2.0, 3.0, 2.0])
+    # base 1: task vectors t - 1 -> trimmed [3, -2, 0, 0], [-4, 1, 0, 0], [-3, 0, 2, 0];
+    # mass [-4/3, -1/3, 2/3, 0] -> disjoint means [-3.5, -2, 2, 0]; 1 + 2 * that
     out = call("ties", [t1, t2, t3], weights=[1 / 3] * 3, base=base + 1, density=0.5, scale=2)
-    assert out.shape == (4,)
+    np.testing.assert_allclose(out, [-6.0, -3.0, 5.0, 1.0])
 
 
 def test_sparse_helpers_shared():

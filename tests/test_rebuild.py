@@ -64,6 +64,10 @@ def test_tap_by_index_and_negative_index():
     src = mlp(hidden=5)
     m = kmerge.fuse({"a": (src, [0, -1])})
     assert tuple(m.output.shape) == (None, 5 + 3)
+    x = x_for(src)
+    hidden = keras.Model(src.inputs[0], src.layers[0].output)
+    np.testing.assert_array_equal(predict(m, x),
+                                  np.concatenate([predict(hidden, x), predict(src, x)], axis=-1))
 
 
 def test_unknown_layer_lists_nearest():

@@ -180,7 +180,13 @@ def test_sequential_and_functional_of_one_architecture_merge(pair):
     inp = keras.Input((8,))
     h = keras.layers.Dense(16, activation="relu")(inp)
     f = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(h))
-    kmerge.merge_weights([a, f], method="linear")
+    merged = kmerge.merge_weights([a, f], method="linear")
+    for got, wa, wf in zip(weights_of(merged), weights_of(a), weights_of(f)):
+        np.testing.assert_allclose(got, (wa + wf) / 2, rtol=1e-6, atol=1e-7)
+    x = x_for(a)
+    want = keras.models.clone_model(a)
+    want.set_weights([(wa + wf) / 2 for wa, wf in zip(weights_of(a), weights_of(f))])
+    np.testing.assert_allclose(predict(merged, x), predict(want, x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, match", [
