@@ -557,17 +557,23 @@ def _shape(layer) -> str:
 
 
 def _text_diagram(model) -> list[str]:
+    from kmerge.graph.replay import is_graph_model, walk
+
+    inbound: dict[int, list[str]] = {}
+    if is_graph_model(model):
+        w = walk(model)  # this model's own graph only, nested models inlined
+        for call in w.leaf_calls:
+            names = inbound.setdefault(id(call.op), [])
+            for i in call.inputs:
+                producer = w.producer_call(i)
+                name = producer.name if producer else w.tensors[i].name
+                if name not in names:
+                    names.append(name)
     rows = []
     for layer in model.layers:
-        inbound = []
-        for node in getattr(layer, "_inbound_nodes", []):
-            for t in getattr(node, "input_tensors", []):
-                hist = getattr(t, "_keras_history", None)
-                if hist is not None and hist[0].name not in inbound:
-                    inbound.append(hist[0].name)
         params = sum(math.prod(w.shape) for w in layer.weights)
         rows.append((layer.name, type(layer).__name__, _shape(layer), str(params),
-                     ", ".join(inbound) or "-"))
+                     ", ".join(inbound.get(id(layer), [])) or "-"))
     header = ("layer", "type", "output shape", "params", "inputs from")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
 
