@@ -28,7 +28,8 @@ from kmerge.errors import InvalidArgumentError, InvalidModelError
 from kmerge.graph.rebuild import check_model, is_graph_model
 from kmerge.graph.replay import submodel
 from kmerge.metadata import attach, meta_of
-from kmerge.weights.align import _check_same, _Walk, _walk, run_taps, tap_model
+from kmerge.weights.matching import run_taps, tap_model
+from kmerge.weights.spec import SpecWalk, check_same, spec_walk
 
 METHODS = ("bn", "repair")
 
@@ -79,7 +80,7 @@ def _channels(x: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
 
 
-def _output_side(walk: _Walk) -> set[int]:
+def _output_side(walk: SpecWalk) -> set[int]:
     """Tensors that reach a model output through weightless layers only (logits and after)."""
     side = set(walk.outputs)
     for node in reversed(walk.nodes):
@@ -99,7 +100,7 @@ def _check_data(data: Any, batch_size: int, method: str) -> None:
         raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-def _reset_bn(merged: keras.Model, walk: _Walk, data: Any, batch_size: int) -> list[str]:
+def _reset_bn(merged: keras.Model, walk: SpecWalk, data: Any, batch_size: int) -> list[str]:
     bn_layers: list[int] = []
     for node in walk.nodes:
         if isinstance(walk.layers[node.layer], keras.layers.BatchNormalization) \
@@ -131,7 +132,7 @@ def _reset_bn(merged: keras.Model, walk: _Walk, data: Any, batch_size: int) -> l
     return [walk.names[li] for li in bn_layers]
 
 
-def _pre_stats(walk: _Walk, targets: list[int], data: Any, batch_size: int
+def _pre_stats(walk: SpecWalk, targets: list[int], data: Any, batch_size: int
                ) -> dict[int, _Moments]:
     """Per-channel moments of each target layer's pre-activation (all of its calls)."""
     taps = [(n, node.layer) for n, node in enumerate(walk.nodes) if node.layer in targets]
@@ -143,7 +144,7 @@ def _pre_stats(walk: _Walk, targets: list[int], data: Any, batch_size: int
     return stats
 
 
-def _repair(merged: keras.Model, walk: _Walk, sources: list[keras.Model],
+def _repair(merged: keras.Model, walk: SpecWalk, sources: list[keras.Model],
             weights: np.ndarray, data: Any, batch_size: int) -> list[dict]:
     side = _output_side(walk)
     targets: list[int] = []
@@ -159,7 +160,7 @@ def _repair(merged: keras.Model, walk: _Walk, sources: list[keras.Model],
             f"model {merged.name!r} has no hidden Dense/Conv/SeparableConv layer for REPAIR "
             "to rescale (the output layer is left alone)"
         )
-    source_stats = [_pre_stats(_walk(s), targets, data, batch_size) for s in sources]
+    source_stats = [_pre_stats(spec_walk(s), targets, data, batch_size) for s in sources]
     taps = [(n, node.layer) for n, node in enumerate(walk.nodes) if node.layer in targets]
     sub, rb = tap_model(walk, [(n, 0, "pre") for n, _ in taps])
     done = []
@@ -243,7 +244,7 @@ def repair(
             f"model {merged.name!r} is a subclassed model; repair needs a Functional or "
             "Sequential graph to read intermediate statistics"
         )
-    walk = _walk(merged)
+    walk = spec_walk(merged)
     if method == "bn":
         info: dict[str, Any] = {"method": "bn", "layers": _reset_bn(merged, walk, data,
                                                                     batch_size)}
@@ -259,7 +260,7 @@ def repair(
             if not is_graph_model(s):
                 raise InvalidModelError(f"sources[{i}] is a subclassed model; repair needs "
                                         "a Functional or Sequential graph")
-            _check_same(walk, _walk(s), (merged.name, s.name))
+            check_same(walk, spec_walk(s), (merged.name, s.name))
         if weights is None:
             w = np.full(len(sources), 1.0 / len(sources))
         else:
