@@ -20,22 +20,33 @@ from typing import Any
 import numpy as np
 
 from kmerge.errors import (
-    IncompatibleModelsError,
     InvalidArgumentError,
     InvalidModelError,
 )
 from kmerge.metadata import attach
-from kmerge.weights.methods import merge_methods, supplied_params, user_params
+from kmerge.weights.methods import merge_methods, supplied_params
+from kmerge.weights.statistics import dense_grams, fisher_diagonals, predict_numpy
+from kmerge.weights.validate import (
+    DATA_METHODS,
+    GREEDY,
+    as_model,
+    check_compatible,
+    check_fast,
+    check_param_names,
+    compile_patterns,
+    method_names,
+    normalise_weights,
+    path_candidates,
+    resolve_method,
+    split_data,
+)
 
 __all__ = ["merge_weights", "MergeCollapseWarning", "method_names", "COLLAPSE_RATIO"]
 
-GREEDY = "greedy_soup"
 ALIGN_METHODS = ("weights", "activations")
 REPAIR_METHODS = ("bn", "repair")
 #: A merge whose accuracy is below this fraction of the worst source's warns ("collapse").
 COLLAPSE_RATIO = 0.75
-_DATA_METHODS = ("fisher", "regmean", GREEDY)
-_IGNORED_CONFIG_KEYS = {"name", "trainable", "seed"}
 
 
 class MergeCollapseWarning(UserWarning):
@@ -43,229 +54,13 @@ class MergeCollapseWarning(UserWarning):
     sources that do not share a basin; try ``align="activations"`` and ``repair=...``)."""
 
 
-def method_names() -> list[str]:
-    """Every method ``merge_weights`` accepts: the registered ones and ``greedy_soup``."""
-    return sorted([*merge_methods.names(), GREEDY])
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _method(method: Any):
-    if method == GREEDY:
-        return None
-    if method not in merge_methods:
-        from difflib import get_close_matches
-
-        close = get_close_matches(str(method), method_names(), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise InvalidArgumentError(
-            f"unknown merge method {method!r}.{hint} Valid merge methods: "
-            f"{', '.join(method_names())}")
-    return merge_methods.get(method)
-
-
-def _check_param_names(method: str, fn, given: Mapping[str, Any], where: str) -> None:
-    valid = list(user_params(fn)) if fn is not None else []
-    for name in given:
-        if name not in valid:
-            listing = ", ".join(valid) if valid else "none"
-            raise InvalidArgumentError(
-                f"{where}: unknown parameter {name!r} for method {method!r}; valid parameters: "
-                f"{listing}")
-
-
-def _normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0 / n] * n
-    try:
-        w = np.asarray(list(weights), dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"weights must be a sequence of {n} numbers, one per model; "
-                                   f"received {weights!r}") from None
-    if w.ndim != 1 or len(w) != n:
-        raise InvalidArgumentError(f"weights must have one entry per model ({n}); received "
-                                   f"{len(w) if w.ndim == 1 else w.shape} values: {list(weights)!r}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise InvalidArgumentError(f"weights must be finite and non-negative; received "
-                                   f"{w.tolist()}")
-    if w.sum() <= 0:
-        raise InvalidArgumentError(f"weights sum to zero ({w.tolist()}); give at least one model "
-                                   "a positive weight, e.g. weights=[1, 1] for a plain average")
-    return (w / w.sum()).tolist()
-
-
-def _compile_patterns(patterns, what: str) -> list[tuple[str, re.Pattern]]:
-    out = []
-    for p in patterns:
-        if not isinstance(p, str):
-            raise InvalidArgumentError(f"{what}: patterns must be regular-expression strings; "
-                                       f"received {p!r}")
-        try:
-            out.append((p, re.compile(p)))
-        except re.error as exc:
-            raise InvalidArgumentError(f"{what}: {p!r} is not a valid regular expression "
-                                       f"({exc})") from None
-    return out
-
-
-def _path_candidates(path: str) -> list[str]:
-    """Every contiguous piece of a variable path ('m/dense/kernel' -> m, dense, m/dense, ...),
-    so a pattern can name a layer, a nested layer path or the whole variable path."""
-    parts = path.split("/")
-    return ["/".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)]
-
-
-def _split_data(data: Any) -> tuple[Any, Any]:
-    if data is None:
-        return None, None
-    if isinstance(data, tuple):
-        if len(data) == 2:
-            return data
-        if len(data) == 1:
-            return data[0], None
-        raise InvalidArgumentError(f"data must be x or a tuple (x, y); received a tuple of "
-                                   f"{len(data)} items")
-    return data, None
-
-
-def _check_fast(method: str, fn, n: int, weights: list[float], base: bool,
-                method_params: dict, params: dict) -> None:
-    """Run the method once on 1-element tensors so bad parameter values (density=2, slerp
-    with three models) fail in milliseconds, before models are loaded or data is used."""
-    if fn is None:
-        return
-    sup = supplied_params(fn)
-    kwargs: dict[str, Any] = {"weights": weights, "path": ""}
-    if "base" in sup:
-        kwargs["base"] = np.zeros(1)
-    if "fishers" in sup:
-        kwargs["fishers"] = [np.ones(1)] * n
-    kwargs = {k: v for k, v in kwargs.items() if k in sup}
-    for overrides in [{}, *params.values()]:
-        fn([np.zeros(1)] * n, **kwargs, **{**method_params, **overrides})
-
-
-# ----------------------------------------------------------------------------- models
-
-
-def _as_model(m: Any, what: str):
-    import keras
-
-    if isinstance(m, (str, os.PathLike)):
-        from kmerge.io import load
-
-        return load(m)
-    if not isinstance(m, keras.Model):
-        raise InvalidModelError(f"{what} must be a keras.Model or the path of a saved model; "
-                                f"received {type(m).__name__}")
-    return m
-
-
-def _leaf_layers(model) -> list:
-    out = []
-    for layer in getattr(model, "layers", []):
-        if type(layer).__name__ == "InputLayer":
-            continue
-        if getattr(layer, "layers", None):
-            out.extend(_leaf_layers(layer))
-        else:
-            out.append(layer)
-    return out
-
-
-def _clean_config(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _clean_config(v) for k, v in obj.items()
-                if k not in _IGNORED_CONFIG_KEYS and not k.endswith("_initializer")}
-    if isinstance(obj, (list, tuple)):
-        return [_clean_config(v) for v in obj]
-    return obj
-
-
-def _first_config_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if k not in a or k not in b:
-                return f"{prefix}{k}"
-            d = _first_config_difference(a[k], b[k], f"{prefix}{k}.")
-            if d is not None:
-                return d
-        return None
-    return None if a == b else prefix.rstrip(".") or "<value>"
-
-
-def _dig(cfg: Any, dotted: str) -> Any:
-    for k in dotted.split("."):
-        if not isinstance(cfg, dict) or k not in cfg:
-            return "<absent>"
-        cfg = cfg[k]
-    return cfg
-
-
-def check_compatible(models: Sequence[Any], names: Sequence[str]) -> None:
-    """Refuse models that are not the same architecture; the first difference is named.
-
-    Raises:
-        IncompatibleModelsError: Layer classes, variable counts or shapes, or layer configs
-            (apart from names, seeds, initializers and trainable flags) differ.
-    """
-    fix = ("weight merges need one architecture; merge different models with kmerge.parallel "
-           "or kmerge.fuse instead")
-    ref, ref_name = models[0], names[0]
-    ref_layers = _leaf_layers(ref)
-    for other, name in zip(models[1:], names[1:]):
-        layers = _leaf_layers(other)
-        for i, (la, lb) in enumerate(zip(ref_layers, layers)):
-            ca, cb = type(la).__name__, type(lb).__name__
-            if ca != cb:
-                raise IncompatibleModelsError(
-                    f"{ref_name} and {name} differ at layer #{i}: {la.name!r} is {ca} in "
-                    f"{ref_name} but {lb.name!r} is {cb} in {name}; {fix}")
-            wa, wb = la.weights, lb.weights
-            for va, vb in zip(wa, wb):
-                if tuple(va.shape) != tuple(vb.shape):
-                    raise IncompatibleModelsError(
-                        f"{ref_name} and {name} differ at layer {la.name!r} ({ca}), variable "
-                        f"{va.path!r}: shape {tuple(va.shape)} in {ref_name} but "
-                        f"{tuple(vb.shape)} in {name} ({vb.path!r}); {fix}")
-            if len(wa) != len(wb):
-                raise IncompatibleModelsError(
-                    f"{ref_name} and {name} differ at layer {la.name!r} ({ca}): {len(wa)} "
-                    f"variables in {ref_name} ({[v.path for v in wa]}) but {len(wb)} in {name} "
-                    f"({[v.path for v in wb]}); {fix}")
-            cfa, cfb = _clean_config(la.get_config()), _clean_config(lb.get_config())
-            diff = _first_config_difference(cfa, cfb)
-            if diff is not None:
-                raise IncompatibleModelsError(
-                    f"{ref_name} and {name} differ at layer {la.name!r} ({ca}): config "
-                    f"{diff!r} is {_dig(cfa, diff)!r} in {ref_name} but {_dig(cfb, diff)!r} in "
-                    f"{name}; {fix}")
-        if len(layers) != len(ref_layers):
-            longer, short = (ref_layers, layers) if len(ref_layers) > len(layers) else (layers, ref_layers)
-            extra = longer[len(short)]
-            raise IncompatibleModelsError(
-                f"{ref_name} has {len(ref_layers)} layers but {name} has {len(layers)}; the "
-                f"first layer without a counterpart is {extra.name!r} ({type(extra).__name__}); "
-                f"{fix}")
-        if len(other.weights) != len(ref.weights):
-            raise IncompatibleModelsError(
-                f"{ref_name} has {len(ref.weights)} variables but {name} has "
-                f"{len(other.weights)}; {fix}")
-        for va, vb in zip(ref.weights, other.weights):
-            if tuple(va.shape) != tuple(vb.shape):
-                raise IncompatibleModelsError(
-                    f"{ref_name} and {name} differ at variable {va.path!r}: shape "
-                    f"{tuple(va.shape)} in {ref_name} but {tuple(vb.shape)} in {name}; {fix}")
-
-
-def _numpy(v) -> np.ndarray:
+def to_numpy(v) -> np.ndarray:
     import keras
 
     return np.array(keras.ops.convert_to_numpy(v))
 
 
-def _is_float(dtype: Any) -> bool:
+def is_float(dtype: Any) -> bool:
     return np.issubdtype(np.dtype(str(dtype).replace("bfloat16", "float32")), np.floating)
 
 
@@ -296,12 +91,8 @@ def _clone(model):
     return clone
 
 
-def _predict(model, x) -> np.ndarray:
-    return np.asarray(model.predict(x, batch_size=256, verbose=0))
-
-
 def _accuracy(model, x, y) -> float:
-    p = _predict(model, x)
+    p = predict_numpy(model, x)
     y = np.asarray(y)
     truth = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(-1)
     if p.ndim == 1 or p.shape[-1] == 1:
@@ -309,131 +100,6 @@ def _accuracy(model, x, y) -> float:
     else:
         pred = p.argmax(-1)
     return float(np.mean(pred == truth))
-
-
-# ----------------------------------------------------------------------------- Fisher, Gram
-
-
-def _looks_like_probs(out: np.ndarray) -> bool:
-    if out.ndim < 2 or out.shape[-1] == 1:
-        return bool(out.min() >= 0 and out.max() <= 1)
-    return bool(out.min() >= 0 and np.allclose(out.sum(-1), 1.0, atol=1e-3))
-
-
-def _log_probs_fn(probs: bool, binary: bool):
-    import keras
-
-    ops = keras.ops
-
-    def f(out):
-        if binary:
-            s = out[:, :1] if probs else ops.sigmoid(out[:, :1])
-            p = ops.concatenate([1.0 - s, s], axis=-1)
-            return ops.log(ops.clip(p, 1e-12, 1.0))
-        if probs:
-            return ops.log(ops.clip(out, 1e-12, 1.0))
-        return ops.log_softmax(out, axis=-1)
-
-    return f
-
-
-def fisher_diagonals(model, x, *, samples: int = 256, batch: int = 32) -> list[np.ndarray]:
-    """Diagonal Fisher of every variable of ``model`` (zeros for non-trainable ones).
-
-    F = mean_x sum_c p(c|x) (d log p(c|x) / d theta)^2: the exact expectation over the model's
-    own label distribution (Matena & Raffel, 2022). One per-example Jacobian per batch:
-    ``jax.jacrev`` + ``vmap``, ``tf.GradientTape.jacobian`` or ``torch.autograd.grad``.
-    """
-    import keras
-
-    x = np.asarray(x)[:samples]
-    first = _predict(model, x[:2]).reshape(2, -1)
-    probs, binary = _looks_like_probs(first), first.shape[-1] == 1
-    to_logp = _log_probs_fn(probs, binary)
-    trainable = list(model.trainable_variables)
-    acc = [np.zeros(tuple(v.shape), np.float64) for v in trainable]
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        ntv = [v.value for v in model.non_trainable_variables]
-
-        def logp_one(tv, xi):
-            out, _ = model.stateless_call(tv, ntv, xi[None], training=False)
-            return to_logp(jnp.reshape(out, (1, -1)))[0]
-
-        jac = jax.jit(jax.vmap(jax.jacrev(logp_one), in_axes=(None, 0)))
-        tv = [v.value for v in trainable]
-        for s in range(0, len(x), batch):
-            xb = jnp.asarray(x[s:s + batch])
-            p = np.exp(np.asarray(jax.vmap(lambda xi: logp_one(tv, xi))(xb)), dtype=np.float64)
-            for a, j in zip(acc, jac(tv, xb)):
-                j = np.asarray(j, np.float64)
-                a += np.tensordot(p, j ** 2, axes=([0, 1], [0, 1]))
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        for s in range(0, len(x), batch):
-            xb = tf.convert_to_tensor(x[s:s + batch])
-            with tf.GradientTape() as tape:
-                logp = to_logp(tf.reshape(model(xb, training=False), (len(xb), -1)))
-            jacs = tape.jacobian(logp, [v.value for v in trainable])
-            p = np.exp(logp.numpy().astype(np.float64))
-            for a, j in zip(acc, jacs):
-                if j is not None:
-                    a += np.tensordot(p, j.numpy().astype(np.float64) ** 2, axes=([0, 1], [0, 1]))
-    elif backend == "torch":
-        import torch
-
-        params = [v.value for v in trainable]
-        for s in range(0, len(x), batch):
-            xb = torch.as_tensor(x[s:s + batch])
-            logp = to_logp(torch.reshape(model(xb, training=False), (len(xb), -1)))
-            p = torch.exp(logp).detach().double().cpu().numpy()
-            for i in range(logp.shape[0]):
-                for c in range(logp.shape[1]):
-                    grads = torch.autograd.grad(logp[i, c], params, retain_graph=True,
-                                                allow_unused=True)
-                    for a, g in zip(acc, grads):
-                        if g is not None:
-                            a += p[i, c] * g.detach().double().cpu().numpy() ** 2
-    else:
-        raise InvalidArgumentError(f"method='fisher' supports the jax, tensorflow and torch "
-                                   f"backends; the current backend is {backend!r}")
-    by_path = {v.path: a / len(x) for v, a in zip(trainable, acc)}
-    return [by_path.get(v.path, np.zeros(tuple(v.shape))) for v in model.weights]
-
-
-def dense_grams(model, x, *, samples: int = 256) -> dict[int, np.ndarray]:
-    """Gram matrix X^T X of the inputs of each top-level Dense layer, keyed by the index of
-    its kernel in ``model.weights`` (paths differ between models: they hold model names).
-
-    Dense layers inside nested models, and shared Dense layers (several call sites), are
-    left out (RegMean then averages them).
-    """
-    import keras
-
-    from kmerge.graph.replay import is_graph_model, submodel, walk
-
-    if not is_graph_model(model):
-        return {}
-    w = walk(model)
-    calls = [c for c in w.leaf_calls if isinstance(c.op, keras.layers.Dense) and not c.path
-             and len(w.calls_of(c.op)) == 1]
-    dense = [c.op for c in calls]
-    if not dense:
-        return {}
-    probe = submodel(model.inputs, [w.tensors[c.inputs[0]] for c in calls])
-    outs = probe.predict(np.asarray(x)[:samples], batch_size=256, verbose=0)
-    if len(dense) == 1 and not isinstance(outs, list):
-        outs = [outs]
-    index = {id(v): i for i, v in enumerate(model.weights)}
-    grams = {}
-    for layer, X in zip(dense, outs):
-        X = np.asarray(X, np.float64).reshape(-1, X.shape[-1])
-        grams[index[id(layer.kernel)]] = X.T @ X
-    return grams
 
 
 # ----------------------------------------------------------------------------- core
@@ -483,7 +149,7 @@ def _merge_arrays(method: str, fn, sources: list[list[np.ndarray]], paths: list[
     return out
 
 
-def _refuse_non_finite(arrays: list[np.ndarray], paths: list[str],
+def refuse_non_finite(arrays: list[np.ndarray], paths: list[str],
                        sources: list[list[np.ndarray]], names: list[str], method: str) -> None:
     for i, (a, path) in enumerate(zip(arrays, paths)):
         if not np.issubdtype(a.dtype, np.floating) or np.all(np.isfinite(a)):
@@ -577,28 +243,28 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
                            and method not in ("ties", "dare")):
         raise InvalidArgumentError(f"merge_weights needs at least two models; received "
                                    f"{len(models)}")
-    fn = _method(method)
+    fn = resolve_method(method)
     if align is not None and align not in ALIGN_METHODS:
         raise InvalidArgumentError(f"unknown align method {align!r}; valid: "
                                    f"{', '.join(ALIGN_METHODS)} (or None)")
     if repair is not None and repair not in REPAIR_METHODS:
         raise InvalidArgumentError(f"unknown repair method {repair!r}; valid: "
                                    f"{', '.join(REPAIR_METHODS)} (or None)")
-    _check_param_names(method, fn, method_params, "merge_weights")
+    check_param_names(method, fn, method_params, "merge_weights")
     params = dict(params or {})
     compiled_params = []
-    for (pat, rx), overrides in zip(_compile_patterns(params, "params"), params.values()):
+    for (pat, rx), overrides in zip(compile_patterns(params, "params"), params.values()):
         if not isinstance(overrides, Mapping):
             raise InvalidArgumentError(f"params[{pat!r}] must be a dict of parameter overrides; "
                                        f"received {overrides!r}")
-        _check_param_names(method, fn, overrides, f"params[{pat!r}]")
+        check_param_names(method, fn, overrides, f"params[{pat!r}]")
         compiled_params.append((pat, rx, dict(overrides)))
-    excl = _compile_patterns(list(exclude or []), "exclude")
+    excl = compile_patterns(list(exclude or []), "exclude")
     n = len(models)
     if method == GREEDY and weights is not None:
         raise InvalidArgumentError("greedy_soup chooses its own ingredients and averages them "
                                    "uniformly; drop weights=, or use method='linear'")
-    norm_w = _normalise_weights(weights, n)
+    norm_w = normalise_weights(weights, n)
     sup = supplied_params(fn) if fn is not None else {}
     if sup.get("base") and base is None:
         raise InvalidArgumentError(
@@ -608,9 +274,9 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         raise InvalidArgumentError(
             f"method {method!r} does not use base=; drop it, or use a method that merges task "
             "vectors: task_arithmetic, ties or dare")
-    x, y = _split_data(data)
+    x, y = split_data(data)
     needs_x = [why for cond, why in [
-        (method in _DATA_METHODS, f"method={method!r}"),
+        (method in DATA_METHODS, f"method={method!r}"),
         (align == "activations", "align='activations'"),
         (repair is not None, f"repair={repair!r}")] if cond]
     if needs_x and x is None:
@@ -619,7 +285,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
     if method == GREEDY and y is None:
         raise InvalidArgumentError("method='greedy_soup' needs held-out data=(x, y) with labels "
                                    "to rank and accept models")
-    _check_fast(method, fn, n, norm_w, base is not None, method_params,
+    check_fast(method, fn, n, norm_w, base is not None, method_params,
                 {p: o for p, _, o in compiled_params})
     align_fn = repair_fn = None
     if align is not None:
@@ -630,9 +296,9 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
     # --- load and check
     from kmerge.io import load_info
 
-    loaded = [_as_model(m, f"models[{i}]") for i, m in enumerate(models)]
+    loaded = [as_model(m, f"models[{i}]") for i, m in enumerate(models)]
     names = [f"models[{i}] ({m.name!r})" for i, m in enumerate(loaded)]
-    base_model = _as_model(base, "base") if base is not None else None
+    base_model = as_model(base, "base") if base is not None else None
     check_compatible(loaded + ([base_model] if base_model is not None else []),
                      names + (["base"] if base_model is not None else []))
     if align_fn is not None:
@@ -640,10 +306,10 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
 
     ref = loaded[0]
     paths = [v.path for v in ref.weights]
-    is_float = [_is_float(v.dtype) for v in ref.weights]
+    float_vars = [is_float(v.dtype) for v in ref.weights]
     excluded = set()
     for pat, rx in excl:
-        hits = [p for p in paths if any(rx.fullmatch(c) for c in _path_candidates(p))]
+        hits = [p for p in paths if any(rx.fullmatch(c) for c in path_candidates(p))]
         if not hits:
             raise InvalidArgumentError(f"exclude pattern {pat!r} matches no layer or variable; "
                                        f"variables are: {', '.join(paths[:12])}"
@@ -654,8 +320,8 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
             raise InvalidArgumentError(f"params pattern {pat!r} matches no variable path "
                                        f"(matched with re.fullmatch); variables are: "
                                        f"{', '.join(paths[:12])}{' ...' if len(paths) > 12 else ''}")
-    mask = [f and p not in excluded for f, p in zip(is_float, paths)]
-    sources = [[_numpy(v) for v in m.weights] for m in loaded]
+    mask = [f and p not in excluded for f, p in zip(float_vars, paths)]
+    sources = [[to_numpy(v) for v in m.weights] for m in loaded]
 
     meta: dict[str, Any] = {
         "kind": "weights", "method": method, "method_params": dict(method_params),
@@ -664,7 +330,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         "source_names": [m.name for m in loaded],
         "source_paths": [info.path for info in map(load_info, loaded) if info is not None],
         "excluded_variables": sorted(excluded),
-        "copied_non_float": [p for p, f in zip(paths, is_float) if not f],
+        "copied_non_float": [p for p, f in zip(paths, float_vars) if not f],
     }
     merged_model = _clone(ref)
 
@@ -672,7 +338,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
     if method == GREEDY:
         arrays = _greedy_soup(loaded, sources, paths, mask, merged_model, x, y, meta)
     else:
-        base_arrays = [_numpy(v) for v in base_model.weights] if base_model is not None else None
+        base_arrays = [to_numpy(v) for v in base_model.weights] if base_model is not None else None
         fishers = grams = None
         if method == "fisher":
             samples = int(method_params.get("samples", 256))
@@ -684,14 +350,14 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         arrays = _merge_arrays(method, fn, sources, paths, mask, weights=norm_w,
                                base=base_arrays, method_params=method_params,
                                params=compiled_params, fishers=fishers, grams=grams)
-    _refuse_non_finite(arrays, paths, sources, names, method)
+    refuse_non_finite(arrays, paths, sources, names, method)
     _assign(merged_model, arrays)
 
     if repair_fn is not None:
         out = repair_fn(merged_model, loaded, method=repair, data=x)
         merged_model = out if out is not None else merged_model
-        arrays = [_numpy(v) for v in merged_model.weights]
-        _refuse_non_finite(arrays, paths, sources, names, f"repair={repair!r}")
+        arrays = [to_numpy(v) for v in merged_model.weights]
+        refuse_non_finite(arrays, paths, sources, names, f"repair={repair!r}")
 
     drift = _drift(arrays, sources, paths, mask)
     meta["drift"] = drift

@@ -34,18 +34,16 @@ from typing import Any
 import numpy as np
 
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, SaveError
-from kmerge.weights.apply import (
-    _check_fast,
-    _check_param_names,
-    _compile_patterns,
-    _dig,
-    _first_config_difference,
-    _method,
-    _normalise_weights,
-    _path_candidates,
-    _refuse_non_finite,
-    supplied_params,
-    tensor_kwargs,
+from kmerge.weights.apply import refuse_non_finite, supplied_params, tensor_kwargs
+from kmerge.weights.validate import (
+    check_fast,
+    check_param_names,
+    compile_patterns,
+    dig,
+    first_config_difference,
+    normalise_weights,
+    path_candidates,
+    resolve_method,
 )
 
 __all__ = ["merge_weights_files", "STREAMABLE_SUFFIXES"]
@@ -227,11 +225,11 @@ def _check_configs(configs: list[dict], names: list[str]) -> None:
                     f"{names[0]} and {name} differ at layer {lname!r}: {a.get('class_name')} "
                     f"vs {b.get('class_name')}; {fix}")
             ca, cb = _clean(a.get("config", {})), _clean(b.get("config", {}))
-            diff = _first_config_difference(ca, cb)
+            diff = first_config_difference(ca, cb)
             if diff is not None:
                 raise IncompatibleModelsError(
                     f"{names[0]} and {name} differ at layer {lname!r}: config {diff!r} is "
-                    f"{_dig(ca, diff)!r} vs {_dig(cb, diff)!r}; {fix}")
+                    f"{dig(ca, diff)!r} vs {dig(cb, diff)!r}; {fix}")
         if len(la) != len(lb):
             raise IncompatibleModelsError(f"{names[0]} has {len(la)} layers but {name} has "
                                           f"{len(lb)}; {fix}")
@@ -275,28 +273,28 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
         raise InvalidArgumentError(
             f"method {method!r} needs data and the live models; it cannot stream from files: "
             "use kmerge.merge_weights([kmerge.load(p) for p in paths], ...)")
-    fn = _method(method)
-    _check_param_names(method, fn, method_params, "merge_weights_files")
+    fn = resolve_method(method)
+    check_param_names(method, fn, method_params, "merge_weights_files")
     params = dict(params or {})
     compiled = []
-    for (pat, rx), ov in zip(_compile_patterns(params, "params"), params.values()):
+    for (pat, rx), ov in zip(compile_patterns(params, "params"), params.values()):
         if not isinstance(ov, Mapping):
             raise InvalidArgumentError(f"params[{pat!r}] must be a dict; received {ov!r}")
-        _check_param_names(method, fn, ov, f"params[{pat!r}]")
+        check_param_names(method, fn, ov, f"params[{pat!r}]")
         compiled.append((pat, rx, dict(ov)))
-    excl = _compile_patterns(list(exclude or []), "exclude")
+    excl = compile_patterns(list(exclude or []), "exclude")
     srcs = [Path(p).expanduser().absolute() for p in paths]
     if len(srcs) < 2 and method not in ("task_arithmetic", "ties", "dare"):
         raise InvalidArgumentError(f"merge_weights_files needs at least two files; received "
                                    f"{len(srcs)}")
     n = len(srcs)
-    norm_w = _normalise_weights(weights, n)
+    norm_w = normalise_weights(weights, n)
     sup = supplied_params(fn)
     if sup.get("base") and base is None:
         raise InvalidArgumentError(f"method {method!r} needs base=, the pretrained model's file")
     if base is not None and "base" not in sup:
         raise InvalidArgumentError(f"method {method!r} does not use base=; drop it")
-    _check_fast(method, fn, n, norm_w, base is not None, method_params,
+    check_fast(method, fn, n, norm_w, base is not None, method_params,
                 {p: o for p, _, o in compiled})
     all_in = srcs + ([Path(base).expanduser().absolute()] if base is not None else [])
     for p in all_in:
@@ -350,7 +348,7 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
             excluded = set()
             for pat, rx in excl:
                 hits = [fn_ for fn_ in fnames if any(rx.fullmatch(c)
-                                                     for c in _path_candidates(fn_))]
+                                                     for c in path_candidates(fn_))]
                 if not hits:
                     raise InvalidArgumentError(f"exclude pattern {pat!r} matches no variable; "
                                                f"variables are: {', '.join(fnames[:12])}")
@@ -376,7 +374,7 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
                             base=files[n][d][()] if "base" in sup else None)
                         with np.errstate(over="ignore", invalid="ignore"):
                             merged = np.asarray(fn(tensors, **kwargs)).astype(first.dtype)
-                        _refuse_non_finite([merged], [name], [[t] for t in tensors],
+                        refuse_non_finite([merged], [name], [[t] for t in tensors],
                                            names[:n], method)
                         drift[name] = [_relative_distance(merged, t) for t in tensors]
                         del tensors, kwargs
