@@ -261,27 +261,27 @@ def _validate(args, echo) -> int:
 def _plan(args, echo) -> int:
     import kmerge
     from kmerge.recipe import load_recipe
-    from kmerge.runner import _freeze, _head
+    from kmerge.runner import build_head, freeze_arg
 
     recipe = load_recipe(args.recipe)
     models = {n: kmerge.load(recipe.path_of(s.path), safe_mode=s.safe_mode)
               for n, s in recipe.models.items()}
     for i, step in enumerate(recipe.steps):
         if step.kind in ("sequential", "parallel", "fuse"):
-            common = {"freeze": _freeze(step.freeze), "dry_run": True, "verify": False,
+            common = {"freeze": freeze_arg(step.freeze), "dry_run": True, "verify": False,
                       "name": step.name or f"step_{i}"}
             if step.kind == "sequential":
                 plan = kmerge.sequential({m: models[m] for m in step.models},
                                          adapter=step.adapter, **common)
             elif step.kind == "parallel":
                 plan = kmerge.parallel({m: models[m] for m in step.models},
-                                       combine=step.combine, head=_head(step.head),
+                                       combine=step.combine, head=build_head(step.head),
                                        weights=step.weights, output=step.output,
                                        share_inputs=step.share_inputs, adapter=step.adapter,
                                        **common)
             else:
                 plan = kmerge.fuse({m: (models[m], r) for m, r in step.taps.items()},
-                                   combine=step.combine, head=_head(step.head),
+                                   combine=step.combine, head=build_head(step.head),
                                    pooling=step.pooling, share_inputs=step.share_inputs,
                                    adapter=step.adapter, **common)
             print(f"steps[{i}]: {plan}")

@@ -138,7 +138,7 @@ def score(model, data: Data, batch_size: int = 256) -> float:
     return float(np.mean((pred.reshape(data.y_test.shape) - data.y_test) ** 2))
 
 
-def _head(spec: HeadSpec | None):
+def build_head(spec: HeadSpec | None):
     import kmerge
 
     if spec is None:
@@ -147,7 +147,7 @@ def _head(spec: HeadSpec | None):
     return make(spec.units, hidden=spec.hidden, dropout=spec.dropout)
 
 
-def _freeze(value):
+def freeze_arg(value):
     return set(value) if isinstance(value, list) else value
 
 
@@ -172,17 +172,17 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: Path | None
         t0 = time.perf_counter()
         if kind == "sequential":
             models[name] = kmerge.sequential({m: models[m] for m in step.models},
-                                             adapter=step.adapter, freeze=_freeze(step.freeze),
+                                             adapter=step.adapter, freeze=freeze_arg(step.freeze),
                                              name=name)
         elif kind == "parallel":
             models[name] = kmerge.parallel(
-                {m: models[m] for m in step.models}, combine=step.combine, head=_head(step.head),
-                freeze=_freeze(step.freeze), weights=step.weights, output=step.output,
+                {m: models[m] for m in step.models}, combine=step.combine, head=build_head(step.head),
+                freeze=freeze_arg(step.freeze), weights=step.weights, output=step.output,
                 share_inputs=step.share_inputs, adapter=step.adapter, name=name)
         elif kind == "fuse":
             models[name] = kmerge.fuse(
                 {m: (models[m], refs) for m, refs in step.taps.items()}, combine=step.combine,
-                head=_head(step.head), pooling=step.pooling, freeze=_freeze(step.freeze),
+                head=build_head(step.head), pooling=step.pooling, freeze=freeze_arg(step.freeze),
                 share_inputs=step.share_inputs, adapter=step.adapter, name=name)
         elif kind == "weights":
             train = (data.x_train, data.y_train) if data is not None else None
