@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
+    import kmerge
     from kmerge.demo import digits
     from kmerge.weights.align import align
     from kmerge.weights.repair import repair
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return "" if v is None else f"{100 * v:.1f}"
 
     print(f"train {len(x_tr)} / test {len(x_te)} digits; {args.epochs} epochs each; "
-          f"weight matching {t_wm:.1f} s ({b_wm._kmerge_meta['iterations']} sweeps), "
+          f"weight matching {t_wm:.1f} s ({kmerge.info(b_wm)['iterations']} sweeps), "
           f"activation matching {t_am:.1f} s; training {t_train:.0f} s")
     print()
     print(table([(k, pct(acc), pct(rep), "" if bar is None else f"{bar:.2f}", *PAPER[k])

@@ -148,7 +148,7 @@ def main() -> int:
     best_val = int(np.argmax(vals))
     uniform = kmerge.merge_weights(soup_fts, method="linear")
     greedy = kmerge.merge_weights(soup_fts, method="greedy_soup", data=(x_va, y_va))
-    ingr = greedy._kmerge_meta["greedy_soup"]["ingredients"]
+    ingr = kmerge.info(greedy)["greedy_soup"]["ingredients"]
     rows2 = [("best individual (by val)", f"lr={hps[best_val][0]} ep={hps[best_val][1]}",
               f"{100 * accs[best_val]:.1f}"),
              ("best individual (oracle, test)", "", f"{100 * max(accs):.1f}"),

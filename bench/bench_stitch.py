@@ -36,7 +36,7 @@ def main() -> int:
         t0 = time.perf_counter()
         m = kmerge.stitch(a, b, at=at, x=x_tr, y=y_tr, epochs=3, validation_data=(x_te, y_te),
                           seed=0, verbose=0)
-        s = m._kmerge_meta["stitch"]
+        s = kmerge.info(m)["stitch"]
         rows.append((f"{at[0]} -> {at[1]}", f"{s['least_squares_r2']:.3f}",
                      f"{s['b_score']:.3f}", f"{s['least_squares_score']:.3f}",
                      f"{s['stitched_score']:.3f}", f"{s['penalty']:+.3f}",

@@ -48,9 +48,9 @@ def test_none_raises_naming_both_models_shapes_and_fix():
 def test_auto_inserts_reports_and_trains_only_adapter():
     a, b = cnn(outputs=64), cnn(shape=(8, 8, 1), seed=1)  # a: 64 outputs -> b: 8x8x1
     m = kmerge.sequential({"a": a, "b": b}, adapter="auto")
-    assert [s["kind"] for s in m._kmerge_meta["adapters"]] == ["reshape"]
+    assert [s["kind"] for s in kmerge.info(m)["adapters"]] == ["reshape"]
     m2 = kmerge.sequential({"a": mlp(outputs=5), "b": mlp(inputs=8)})
-    steps = m2._kmerge_meta["adapters"]
+    steps = kmerge.info(m2)["adapters"]
     assert [s["kind"] for s in steps] == ["dense"] and steps[0]["trainable"]
     assert [w.name for w in m2.trainable_weights] == ["kernel", "bias"]
     assert m2.get_layer("adapter_a_to_b_dense").trainable
@@ -59,7 +59,7 @@ def test_auto_inserts_reports_and_trains_only_adapter():
 def test_no_adapter_when_compatible_and_output_is_the_chain():
     a, b = mlp(outputs=8, seed=2), mlp(inputs=8)
     m = kmerge.sequential([a, b])
-    assert m._kmerge_meta["adapters"] == []
+    assert kmerge.info(m)["adapters"] == []
     x = x_for(a)
     np.testing.assert_array_equal(predict(m, x), predict(b, predict(a, x)))
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import cnn, mlp, nested, predict, same_weights, weights_of, x_for
 
+import kmerge
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, KmergeError
 from kmerge.weights.align import align, random_permute
 
@@ -86,8 +87,8 @@ def test_round_trip_weight_matching_restores_weights_exactly(kind):
     np.testing.assert_allclose(predict(shuffled, x), predict(b, x), atol=1e-5)
     restored = align(b, shuffled)
     assert same_weights(weights_of(restored), weights_of(b))
-    assert restored._kmerge_meta["kind"] == "align"
-    assert restored._kmerge_meta["iterations"] >= 1
+    assert kmerge.info(restored)["kind"] == "align"
+    assert kmerge.info(restored)["iterations"] >= 1
 
 
 @pytest.mark.parametrize("kind", FACTORIES)
@@ -97,7 +98,7 @@ def test_round_trip_activation_matching_restores_weights_exactly(kind):
     x = x_for(b, 128, seed=2)
     restored = align(b, shuffled, method="activations", data=x, batch_size=50)
     assert same_weights(weights_of(restored), weights_of(b))
-    assert restored._kmerge_meta["method"] == "activations"
+    assert kmerge.info(restored)["method"] == "activations"
 
 
 def test_hand_permuted_mlp_is_restored():
@@ -134,7 +135,7 @@ def test_weight_matching_moves_b_closer_to_a():
 
 
 def test_groups_follow_the_graph():
-    meta = align(residual_mlp(0), residual_mlp(1))._kmerge_meta
+    meta = kmerge.info(align(residual_mlp(0), residual_mlp(1)))
     sizes = sorted(g["size"] for g in meta["groups"])
     assert sizes == [5, 10, 10, 12]  # side, up_0, up_1, and ONE residual stream
     stream = next(g for g in meta["groups"] if g["size"] == 12)
@@ -142,7 +143,7 @@ def test_groups_follow_the_graph():
         assert name in stream["layers"]
     assert meta["fenced"] == []
 
-    meta = align(cnn(filters=4, seed=0), cnn(filters=4, seed=1))._kmerge_meta
+    meta = kmerge.info(align(cnn(filters=4, seed=0), cnn(filters=4, seed=1)))
     assert [g["size"] for g in meta["groups"]] == [4]  # conv -> BN -> pool -> Flatten -> dense
     layers = meta["groups"][0]["layers"]
     assert any(n.startswith("conv2d") for n in layers)
@@ -153,7 +154,7 @@ def test_lstm_fences_and_is_reported():
     a, b = lstm_model(0), lstm_model(1)
     x = x_for(b, 16)
     aligned = align(a, b)
-    meta = aligned._kmerge_meta
+    meta = kmerge.info(aligned)
     fenced = {f["layer"]: f["reason"] for f in meta["fenced"]}
     assert "lstm" in fenced and "recurrent" in fenced["lstm"]
     assert [g["layers"] for g in meta["groups"]] == [["hidden", "out"]]  # proj is fenced

@@ -54,7 +54,7 @@ def test_weights_with_other_op_and_bad_names():
 
 def test_list_names_are_made_unique():
     m = kmerge.parallel([mlp("net"), mlp("net", seed=1)])
-    assert set(m._kmerge_meta["sources"]) == {"net", "net_2"}
+    assert set(kmerge.info(m)["sources"]) == {"net", "net_2"}
 
 
 def test_elementwise_unequal_shapes_raise_or_project():
@@ -63,7 +63,7 @@ def test_elementwise_unequal_shapes_raise_or_project():
         kmerge.parallel({"a": a, "b": b}, combine="add")
     m = kmerge.parallel({"a": a, "b": b}, combine="add", adapter="auto")
     assert tuple(m.output.shape) == (None, 3)
-    assert m._kmerge_meta["adapters"][0]["where"] == "b"
+    assert kmerge.info(m)["adapters"][0]["where"] == "b"
 
 
 def test_dry_run_is_a_plan_with_counts():

@@ -63,7 +63,7 @@ def test_sequential_stitch_trains_adapter(loaded, digits):
     x_tr, y_tr, x_te, y_te = digits
     # A's 10 class probabilities, projected by a trainable Dense + Reshape, feed B.
     m = kmerge.sequential({"a": a, "b": b}, adapter="auto")
-    assert [s["kind"] for s in m._kmerge_meta["adapters"]] == ["dense", "reshape"]
+    assert [s["kind"] for s in kmerge.info(m)["adapters"]] == ["dense", "reshape"]
     _train(m, x_tr, y_tr, epochs=6)
     assert _acc(m, x_te, y_te) > 0.8
     kmerge.verify(m, {"a": a, "b": b})

@@ -31,7 +31,7 @@ def test_frozen_weights_and_bn_statistics_unchanged_after_fit():
     head_after = [np.array(w) for w in m.get_layer("head_output").get_weights()]
     assert not same_weights(head_before, head_after)  # the head did train
     kmerge.verify(m, {"a": a, "b": b})  # and the frozen branches still reproduce the sources
-    assert any("Dropout runs as Identity (frozen)" in n for n in m._kmerge_meta["notes"])
+    assert any("Dropout runs as Identity (frozen)" in n for n in kmerge.info(m)["notes"])
 
 
 def test_freeze_set_trains_only_the_unfrozen_source():

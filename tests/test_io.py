@@ -11,8 +11,10 @@ import keras
 import numpy as np
 import pytest
 
+import kmerge
 from kmerge.errors import InvalidModelError, ModelLoadError, SaveError
 from kmerge.io import LoadInfo, load, load_info, save
+from kmerge.metadata import attach
 
 BACKEND = keras.backend.backend()
 
@@ -71,19 +73,19 @@ def test_load_info_none_for_plain_model():
 def test_kmerge_meta_round_trip_and_plain_keras_loads_it(tmp_path):
     model = _mlp()
     meta = {"kind": "parallel", "sources": ["a", "b"], "n": 2}
-    object.__setattr__(model, "_kmerge_meta", meta)
+    attach(model, meta)
     target = save(model, tmp_path / "m.keras")
     with zipfile.ZipFile(target) as zf:
         assert json.loads(zf.read("kmerge.json")) == meta
-    assert load(target)._kmerge_meta == meta
+    assert kmerge.info(load(target)) == meta
     plain = keras.models.load_model(target, compile=False)
     np.testing.assert_array_equal(_out(plain, _x()), _out(model, _x()))
 
 
 def test_kmerge_meta_round_trip_h5(tmp_path):
     model = _mlp()
-    object.__setattr__(model, "_kmerge_meta", {"kind": "sequential"})
-    assert load(save(model, tmp_path / "m.h5"))._kmerge_meta == {"kind": "sequential"}
+    attach(model, {"kind": "sequential"})
+    assert kmerge.info(load(save(model, tmp_path / "m.h5"))) == {"kind": "sequential"}
 
 
 # ---- save refusals: nothing written ------------------------------------------------------------
@@ -123,7 +125,7 @@ def test_save_refuses_to_overwrite_the_loaded_source(tmp_path):
 def test_save_refuses_source_paths_from_meta(tmp_path):
     src = save(_mlp(), tmp_path / "a.h5")
     merged = _mlp(1)
-    object.__setattr__(merged, "_kmerge_meta", {"source_paths": [str(src)]})
+    attach(merged, {"source_paths": [str(src)]})
     with pytest.raises(SaveError, match="source model"):
         save(merged, src, overwrite=True)
     assert _listing(tmp_path) == {"a.h5"}
@@ -144,7 +146,7 @@ def test_save_cleans_temp_file_on_failure(tmp_path, monkeypatch):
 
 def test_save_refuses_unserializable_meta(tmp_path):
     model = _mlp()
-    object.__setattr__(model, "_kmerge_meta", {"bad": object()})
+    attach(model, {"bad": object()})
     with pytest.raises(SaveError, match="not JSON-serializable"):
         save(model, tmp_path / "m.keras")
     assert _listing(tmp_path) == set()

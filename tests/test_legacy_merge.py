@@ -60,7 +60,7 @@ def test_fuse_taps_inside_nested_keras2_models():
 def test_sequential_chain_of_legacy_models_with_adapter():
     mlp, cnn = _load("mlp.h5"), _load("cnn.h5")
     m = kmerge.sequential({"mlp": mlp, "cnn": cnn}, adapter="auto")
-    kinds = [s["kind"] for s in m._kmerge_meta["adapters"]]
+    kinds = [s["kind"] for s in kmerge.info(m)["adapters"]]
     assert kinds == ["dense", "reshape"]
     with pytest.raises(kmerge.errors.IncompatibleModelsError, match="model 'mlp' gives"):
         kmerge.sequential({"mlp": mlp, "cnn": cnn}, adapter="none")

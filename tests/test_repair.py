@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import cnn, mlp, predict, same_weights, weights_of, x_for
 
+import kmerge
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.weights.repair import repair
 
@@ -58,7 +59,7 @@ def test_bn_reset_equals_numpy_statistics_layer_by_layer():
     mean, var = _np_stats(h2)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(bn2.moving_mean), mean, atol=1e-5)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(bn2.moving_variance), var, rtol=1e-4)
-    assert merged._kmerge_meta["repair"] == {"method": "bn", "layers": ["bn1", "bn2"]}
+    assert kmerge.info(merged)["repair"] == {"method": "bn", "layers": ["bn1", "bn2"]}
 
 
 def test_bn_reset_leaves_other_weights_and_the_sources_alone():
@@ -97,7 +98,7 @@ def test_repair_matches_interpolated_source_statistics(weights):
                                    atol=1e-4)
         np.testing.assert_allclose(zm.std(0), w[0] * za.std(0) + w[1] * zb.std(0),
                                    rtol=1e-3, atol=1e-5)
-    layers = [entry["layer"] for entry in merged._kmerge_meta["repair"]["layers"]]
+    layers = [entry["layer"] for entry in kmerge.info(merged)["repair"]["layers"]]
     assert layers == [merged.layers[0].name, merged.layers[1].name]  # not the logits layer
     assert same_weights(weights_of(a), before[0]) and same_weights(weights_of(b), before[1])
 

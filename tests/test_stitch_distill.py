@@ -41,7 +41,7 @@ def test_stitch_convention_and_frozen_parts():
                         wb[4:])
     assert same_weights([np.array(w) for w in a.get_weights()], wa)  # sources untouched
     assert same_weights([np.array(w) for w in b.get_weights()], wb)
-    report = m._kmerge_meta["stitch"]
+    report = kmerge.info(m)["stitch"]
     assert report["metric"] == "accuracy" and report["at"] == ["conv_1", "conv_2"]
     assert report["penalty"] == pytest.approx(report["b_score"] - report["stitched_score"])
     assert 0.0 < report["least_squares_r2"] <= 1.0  # least squares beats the mean
@@ -60,7 +60,7 @@ def test_least_squares_recovers_an_exact_linear_map():
     x, y = _data()
     m = kmerge.stitch(a, b, at=("conv_1", "conv_1"), x=x, y=y, epochs=0, seed=0)
     np.testing.assert_allclose(m.predict(x, verbose=0), b.predict(x, verbose=0), atol=1e-4)
-    assert m._kmerge_meta["stitch"]["least_squares_r2"] > 0.9999
+    assert kmerge.info(m)["stitch"]["least_squares_r2"] > 0.9999
 
 
 def test_stitch_resizes_and_flattens():

@@ -116,13 +116,13 @@ def test_fisher_and_regmean_use_the_data(pair):
     # the second sees different hidden activations
     np.testing.assert_allclose(weights_of(r)[0], lin[0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(weights_of(r)[2], lin[2])
-    assert len(r._kmerge_meta["regmean_kernels"]) == 2
+    assert len(kmerge.info(r)["regmean_kernels"]) == 2
 
 
 def test_greedy_soup_never_worse_than_best_single(finetunes):
     _, fts, (x, y) = finetunes
     m = kmerge.merge_weights(fts, method="greedy_soup", data=(x, y))
-    meta = m._kmerge_meta
+    meta = kmerge.info(m)
     best = max(meta["accuracy"]["sources"])
     assert meta["accuracy"]["merged"] >= best
     assert meta["greedy_soup"]["trace"][0]["accepted"]
@@ -131,7 +131,7 @@ def test_greedy_soup_never_worse_than_best_single(finetunes):
 def test_task_arithmetic_from_pretrained_reports_accuracy(finetunes):
     pre, fts, (x, y) = finetunes
     m = kmerge.merge_weights(fts, method="ties", base=pre, data=(x, y), density=0.5)
-    acc = m._kmerge_meta["accuracy"]
+    acc = kmerge.info(m)["accuracy"]
     assert 0 <= acc["merged"] <= 1 and len(acc["sources"]) == 3
 
 
@@ -242,8 +242,8 @@ def test_non_float_variables_copied_from_the_first_model():
     a, b = counter_mlp(0, count=7), counter_mlp(1, count=100)
     m = kmerge.merge_weights([a, b], method="linear")
     assert int(keras.ops.convert_to_numpy(m.get_layer("counter").count)) == 7
-    assert any(p.endswith("count") for p in m._kmerge_meta["copied_non_float"])
-    assert not any(p.endswith("count") for p in m._kmerge_meta["drift"])
+    assert any(p.endswith("count") for p in kmerge.info(m)["copied_non_float"])
+    assert not any(p.endswith("count") for p in kmerge.info(m)["drift"])
 
 
 def test_exclude_keeps_the_first_models_layer(pair):
@@ -253,7 +253,7 @@ def test_exclude_keeps_the_first_models_layer(pair):
     np.testing.assert_array_equal(got[2], wa[2])  # dense_1 kernel, bias: from a
     np.testing.assert_array_equal(got[3], wa[3])
     np.testing.assert_allclose(got[0], (wa[0] + wb[0]) / 2, rtol=1e-6)
-    assert len(m._kmerge_meta["excluded_variables"]) == 2
+    assert len(kmerge.info(m)["excluded_variables"]) == 2
 
 
 def test_params_regex_overrides_per_tensor(pair):
@@ -266,13 +266,13 @@ def test_params_regex_overrides_per_tensor(pair):
     np.testing.assert_allclose(got[2], w0[2])  # scale 0: the base
     np.testing.assert_allclose(got[0], w0[0] + (wa[0] - w0[0]) + (wb[0] - w0[0]), rtol=1e-5,
                                atol=1e-6)
-    assert m._kmerge_meta["params"] == {pattern: {"scale": 0.0}}
+    assert kmerge.info(m)["params"] == {pattern: {"scale": 0.0}}
 
 
 def test_drift_report(pair):
     a, b = pair
     m = kmerge.merge_weights([a, b], method="linear")
-    meta = m._kmerge_meta
+    meta = kmerge.info(m)
     assert meta["kind"] == "weights" and meta["method"] == "linear"
     path = m.weights[0].path
     wa, wb, wm = weights_of(a)[0], weights_of(b)[0], weights_of(m)[0]
@@ -292,8 +292,8 @@ def test_sources_unchanged_and_round_trip(pair, tmp_path):
     back = kmerge.load(path)
     x = x_for(a)
     np.testing.assert_allclose(predict(back, x), predict(m, x), rtol=1e-6)
-    assert back._kmerge_meta["method"] == "slerp"
-    assert back._kmerge_meta["drift"].keys() == m._kmerge_meta["drift"].keys()
+    assert kmerge.info(back)["method"] == "slerp"
+    assert kmerge.info(back)["drift"].keys() == kmerge.info(m)["drift"].keys()
 
 
 def test_merge_from_paths_records_them(pair, tmp_path):
@@ -304,7 +304,7 @@ def test_merge_from_paths_records_them(pair, tmp_path):
     m = kmerge.merge_weights([str(pa), pb], method="linear")
     want = kmerge.merge_weights([a, b], method="linear")
     assert all(np.allclose(x, y) for x, y in zip(weights_of(m), weights_of(want)))
-    assert sorted(m._kmerge_meta["source_paths"]) == sorted([str(pa), str(pb)])
+    assert sorted(kmerge.info(m)["source_paths"]) == sorted([str(pa), str(pb)])
     with pytest.raises(SaveError, match="source"):
         kmerge.save(m, pa, overwrite=True)
 
@@ -334,8 +334,8 @@ def test_streaming_matches_in_memory(tmp_path):
             if method == "dare":  # masks are seeded by the variable name, as named in each case
                 continue
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{method} {v.path}")
-        drift = streamed._kmerge_meta["drift"]
-        assert streamed._kmerge_meta["streamed"]
+        drift = kmerge.info(streamed)["drift"]
+        assert kmerge.info(streamed)["streamed"]
         assert any(k.startswith("conv2d") and k.endswith("/kernel") for k in drift), drift
     out = merge_weights_files([tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"],
                               tmp_path / "out.weights.h5", method="linear",
@@ -376,6 +376,6 @@ def test_align_and_repair_are_called_and_recorded():
     x = x_for(a, 32)
     before = weights_of(b)
     m = kmerge.merge_weights([a, b], method="linear", align="weights", repair="bn", data=x)
-    assert m._kmerge_meta["align"] == "weights" and m._kmerge_meta["repair"] == "bn"
+    assert kmerge.info(m)["align"] == "weights" and kmerge.info(m)["repair"] == "bn"
     assert same_weights(weights_of(b), before)
     assert np.all(np.isfinite(predict(m, x)))
