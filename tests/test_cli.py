@@ -198,3 +198,32 @@ def test_weights_command_and_method_list(files, tmp_path, capsys):
     assert not (tmp_path / "bad.keras").exists()
     assert main(["list", "methods"]) == 0
     assert {"linear", "ties", "greedy_soup"} <= set(capsys.readouterr().out.split())
+
+
+def _text_model(path, seed):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((7,), dtype="int32")
+    h = keras.layers.Embedding(20, 5, mask_zero=True)(inp)
+    seq, state, _ = keras.layers.LSTM(4, dropout=0.3, return_sequences=True,
+                                      return_state=True, name="lstm")(h)
+    h = state * 2.0 + keras.ops.relu(state)
+    keras.Model(inp, keras.layers.Dense(2, activation="softmax", name="out")(h)).save(path)
+
+
+def test_cli_merges_masked_text_models_with_ops_and_multi_output_taps(tmp_path, capsys):
+    a, b = tmp_path / "a.keras", tmp_path / "b.keras"
+    _text_model(a, 0)
+    _text_model(b, 1)
+    out = tmp_path / "m.keras"
+    assert main(["parallel", str(a), str(b), "-o", str(out), "--combine", "concat"]) == 0
+    assert out.is_file()
+    fused = tmp_path / "f.keras"
+    assert main(["fuse", f"{a}:lstm[1],out", f"{b}:out", "-o", str(fused)]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad.keras"
+    assert main(["fuse", f"{a}:lstm,out", f"{b}:out", "-o", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "error: layer 'lstm' of model 'a' has 3 outputs; pick one with 'lstm[0]'" in err
+    assert "Traceback" not in err and not bad.exists()
