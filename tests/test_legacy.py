@@ -165,3 +165,16 @@ def test_repair_config_does_not_mutate_and_builds_input_layer():
     assert any("InputLayer 'd_input'" in r for r in repairs)
     model = keras.Sequential.from_config(fixed["config"])
     assert model.input_shape == (None, 3)
+
+
+def test_rnn_implementation_1_is_normalized_and_reported(tmp_path):
+    """Keras 3 does not save ``implementation``: a model kept at 1 would change in the last bit
+    after a save and load (and its merge would no longer verify against it)."""
+    path = _edited_copy(tmp_path, "rnn",
+                        lambda c: _layer_cfg(c, "lstm")["config"].update(implementation=1))
+    model = load(path)
+    assert "layer 'lstm': implementation 1 -> 2" in "\n".join(load_info(model).repairs)
+    ref = np.load(DATA / "rnn.npz")
+    y = keras.ops.convert_to_numpy(model(ref["x"], training=False))
+    np.testing.assert_allclose(y, ref["y"], atol=1e-5, rtol=0)
+    assert model.get_layer("lstm").cell.implementation == 2

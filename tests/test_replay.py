@@ -307,3 +307,16 @@ def test_kmerge_info_is_a_copy():
     assert kmerge.info(m)["kind"] == "parallel"
     assert kmerge.info(a) is None
     assert weights_of(a)
+
+
+def test_state_outside_the_config_is_copied():
+    """Keras's LSTM/GRU config omits ``implementation``; a copy from config alone computes with
+    the default (2), which rounds differently from the source's 1 (a real packaged Keras 2 model,
+    ethnicolr's nc_voter LSTM, differed by 6e-7)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 3))
+    h = keras.layers.LSTM(5, implementation=1, return_sequences=True)(inp)
+    a = keras.Model(inp, keras.layers.GRU(4, implementation=1)(h))
+    m = kmerge.parallel({"a": a, "b": a}, combine="concat")  # verify inside
+    x = np.random.default_rng(0).normal(size=(4, 6, 3)).astype("float32")
+    np.testing.assert_array_equal(predict(m, x)[:, :4], predict(a, x))

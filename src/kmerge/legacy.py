@@ -113,6 +113,12 @@ def _fix_layer_args(class_name: str, name: str, cfg: dict, repairs: list[str], w
             f"{where}: layer '{name}' ({class_name}) was saved with time_major=True, which "
             "Keras 3 does not support; re-save it in Keras 2 with time_major=False (transpose "
             "the input instead), or export it as a SavedModel")
+    if class_name in ("LSTM", "GRU") and cfg.get("implementation", 2) != 2:
+        # Keras 3 computes implementation 1 and 2 alike up to rounding, but does not save the
+        # argument: a model kept at 1 would change in the last bit after any save and load.
+        repairs.append(f"layer '{name}': implementation {cfg['implementation']!r} -> 2 (Keras 3 "
+                       "does not save it; the same function up to float rounding)")
+        cfg["implementation"] = 2
     cls = None if class_name == "Lambda" else _layer_class(class_name)
     if cls is None:  # custom class, or Lambda (Keras' own loader converts it)
         return

@@ -17,6 +17,7 @@ from kmerge.graph import adapters as _adapters
 from kmerge.graph.rebuild import Rebuilt, check_model, input_specs, rebuild
 from kmerge.graph.replay import tensor_ref, walk
 from kmerge.metadata import attach
+from kmerge.verification import verify as check
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 FREEZE_DOC = "freeze must be True, False, or a set of source names"
@@ -307,9 +308,7 @@ class GraphBuilder:
         if self.dry_run:
             return self.plan(model, meta)
         if verify:
-            from kmerge.verification import verify as _verify
-
-            _verify(model, self.sources, x=probe)
+            check(model, self.sources, x=probe)
         return model
 
     def plan(self, model: keras.Model, meta: dict) -> Plan:

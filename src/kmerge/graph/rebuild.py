@@ -194,13 +194,26 @@ def _clone_layer(layer: keras.layers.Layer, name: str, *, source: str) -> keras.
     config = layer.get_config()
     config["name"] = name
     try:
-        return type(layer).from_config(config)
+        new = type(layer).from_config(config)
     except Exception as exc:  # custom layers can fail in any way
         raise InvalidModelError(
             f"cannot copy layer {layer.name!r} ({kind}) of model {source!r}: "
             f"{type(exc).__name__}: {exc}. Give the layer a get_config() that "
             "from_config() accepts"
         ) from exc
+    _restore_unserialized(layer, new)
+    return new
+
+
+# Attributes that change what a Keras layer computes but are missing from its config.
+_UNSERIALIZED = ("implementation",)  # LSTM/GRU cells: 1 and 2 round differently
+
+
+def _restore_unserialized(src: keras.layers.Layer, dst: keras.layers.Layer) -> None:
+    for s, d in zip(_keras.sublayers(src), _keras.sublayers(dst)):
+        for attr in _UNSERIALIZED:
+            if hasattr(s, attr) and hasattr(d, attr) and getattr(s, attr) != getattr(d, attr):
+                setattr(d, attr, getattr(s, attr))
 
 
 def _clone_operation(op: Any, name: str) -> Any:
