@@ -319,4 +319,7 @@ def test_state_outside_the_config_is_copied():
     a = keras.Model(inp, keras.layers.GRU(4, implementation=1)(h))
     m = kmerge.parallel({"a": a, "b": a}, combine="concat")  # verify inside
     x = np.random.default_rng(0).normal(size=(4, 6, 3)).astype("float32")
-    np.testing.assert_array_equal(predict(m, x)[:, :4], predict(a, x))
+    # weights detached on both sides (on torch a frozen weight takes another matmul path)
+    from kmerge.graph.compiled import predict as detached
+
+    np.testing.assert_array_equal(detached(m, x)[0][:, :4], detached(a, x)[0])
