@@ -31,6 +31,7 @@ from kmerge.graph.replay import (
     submodel,
     walk,
 )
+from kmerge.metadata import info
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,19 @@ def _merged_inputs(merged: keras.Model, x: Any) -> dict[str, np.ndarray]:
     return given
 
 
+@dataclass
+class _Pair:
+    """One source and its copy in the merge, as two compiled jobs to compare."""
+
+    name: str
+    model: keras.Model
+    labels: list[str]  # "output 0", "tap 'x'"
+    n_outputs: int
+    source_job: Job
+    places: list  # per tap: index into the source job's outputs, or (call, j) for nested
+    merged_job: Job
+
+
 def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None, *,
            x: Any = None, atol: float = 0.0, batch: int = 4, seed: int = 0) -> VerifyReport:
     """Check that ``merged`` reproduces each of ``sources`` bit-exactly.
@@ -175,8 +189,6 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
     >>> kmerge.verify(m, {"a": a, "b": b}).ok
     True
     """
-    from kmerge.metadata import info
-
     meta = info(merged)
     if meta is None or "sources" not in meta:
         raise InvalidModelError(
@@ -201,7 +213,7 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
     given = _merged_inputs(merged, x)
     mw = walk(merged)
     report = VerifyReport(atol=float(atol))
-    plans = []  # (name, labels, source job, tap places, merged job)
+    pairs: list[_Pair] = []
     for name, src in sources.items():
         entry = meta["sources"][name]
         in_ids = [find_tensor(mw, r) for r in entry["inputs"]]
@@ -217,18 +229,18 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
         merged_job = Job(submodel([mw.tensors[i] for i in in_ids],
                                   [mw.tensors[i] for i in targets]), flat)
         labels = [f"output {i}" for i in range(len(outputs))] + [f"tap {r!r}" for r, _ in taps]
-        plans.append((name, src, labels, len(outputs), source_job, places, merged_job))
+        pairs.append(_Pair(name, src, labels, len(outputs), source_job, places, merged_job))
     # Each source next to its copy: on jax, identical programs compile once.
-    results = run_all([job for p in plans for job in (p[4], p[6])])
-    for k, (name, src, labels, n_out, _, places, _) in enumerate(plans):
+    results = run_all([job for p in pairs for job in (p.source_job, p.merged_job)])
+    for k, p in enumerate(pairs):
         src_values, have = results[2 * k], results[2 * k + 1]
-        want = list(src_values[:n_out])
-        for place in places:
+        want = list(src_values[:p.n_outputs])
+        for place in p.places:
             want.append(src_values[place] if isinstance(place, int)
-                        else _nested_tap(src, *place, plans[k][4].flat))
-        for label, a, b in zip(labels, want, have):
-            report.checks.append(Check(name, label, tuple(a.shape),
-                                       _max_diff(a, b, name, label)))
+                        else _nested_tap(p.model, *place, p.source_job.flat))
+        for label, a, b in zip(p.labels, want, have):
+            report.checks.append(Check(p.name, label, tuple(a.shape),
+                                       _max_diff(a, b, p.name, label)))
     if not report.checks:
         raise VerificationError(
             f"nothing to compare: the metadata of {merged.name!r} records no output or tap of "
