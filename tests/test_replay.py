@@ -323,3 +323,14 @@ def test_state_outside_the_config_is_copied():
     from kmerge.graph.compiled import predict as detached
 
     np.testing.assert_array_equal(detached(m, x)[0][:, :4], detached(a, x)[0])
+
+
+def test_merge_of_merges_with_frozen_random_layers():
+    a, b = _dropout_sources(0), _dropout_sources(1)
+    first = kmerge.parallel({"a": a, "b": b}, combine="concat")  # holds Inference wrappers
+    again = kmerge.parallel({"m": first, "c": _dropout_sources(2)}, combine="concat")
+    assert kmerge.verify(again, {"m": first}).ok
+    x = np.random.default_rng(0).normal(size=(3, 5, 3)).astype("float32")
+    from kmerge.graph.compiled import predict as detached
+
+    np.testing.assert_array_equal(detached(again, x)[0][:, :6], detached(first, x)[0])

@@ -129,6 +129,7 @@ class Copier:
         self.taken = taken  # layer names already used in the merged graph
         self.layers: dict[int, Any] = {}
         self.copied: set[int] = set()
+        self.wrapped: set[int] = set()  # sources wrapped in Inference by this copier
         self.notes: list[str] = []
 
     def new_name(self, path: tuple[str, ...], name: str) -> str:
@@ -155,6 +156,7 @@ class Copier:
             new = _clone_layer(op, name, source=self.prefix)
             if self.freeze and inference.is_random(op):
                 new = Inference(new, name=f"{name}_inference")
+                self.wrapped.add(id(op))
                 self.taken.add(new.name)
                 self.notes.append(f"{where}: {kind} always runs in inference mode (frozen)")
         if isinstance(new, keras.layers.Layer) and (self.freeze or not op.trainable):
@@ -169,7 +171,7 @@ class Copier:
         if id(op) not in self.copied and isinstance(op, keras.layers.Layer):
             self.copied.add(id(op))
             if self.copy:
-                copy_state(op, new.layer if isinstance(new, Inference) else new,
+                copy_state(op, new.layer if id(op) in self.wrapped else new,
                            source=self.prefix)
             if isinstance(new, keras.layers.Layer) and not new.trainable:
                 # Again after the build, at every depth: sub-layers created in build() (the
@@ -245,7 +247,14 @@ def copy_state(src: keras.layers.Layer, dst: keras.layers.Layer, *, source: str)
             f"copying layer {src.name!r} of model {source!r}: the copy has weights "
             f"{[tuple(w.shape) for w in dw]} but the source has {[tuple(w.shape) for w in sw]}"
         )
-    pairs = list(zip(_keras.sublayers(src), _keras.sublayers(dst)))
+    subs, dsubs = _keras.sublayers(src), _keras.sublayers(dst)
+    if [type(x) for x in subs] != [type(x) for x in dsubs]:
+        raise InvalidModelError(
+            f"copying layer {src.name!r} of model {source!r}: the copy is made of the layers "
+            f"{[type(x).__name__ for x in dsubs]}, the source of "
+            f"{[type(x).__name__ for x in subs]}; its get_config() does not describe it fully"
+        )
+    pairs = list(zip(subs, dsubs))
     moved = 0
     for s, d in pairs:
         store: dict[str, Any] = {}
