@@ -150,7 +150,8 @@ class Copier:
         if not isinstance(op, keras.layers.Layer):
             new = _clone_operation(op, name)
         elif self.freeze and inference.is_training_only(op):
-            new = keras.layers.Identity(name=name)
+            new = keras.layers.Identity(name=name)  # weightless: no state to copy
+            self.copied.add(id(op))
             self.notes.append(f"{where}: {kind} runs as Identity (frozen)")
         else:
             new = _clone_layer(op, name, source=self.prefix)
