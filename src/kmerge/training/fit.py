@@ -6,15 +6,15 @@ its output never changes. :func:`fit_head` finds the boundary between the frozen
 trainable part of the graph, computes the boundary tensors once, and trains a sub-model made of
 the *same* trainable layer objects on them, so the trained weights are the full model's weights.
 
-The frozen part is every layer that has no trainable weights, is deterministic, and reads only
-frozen tensors (model inputs are frozen). Stochastic layers without weights (dropout, noise,
-random augmentation) end it: their output differs from call to call, so it cannot be cached.
+The split is :mod:`kmerge.training.split`: the frozen part is every call that has no trainable
+weights, is not random in training mode, and reads only frozen tensors.
 
 :func:`fine_tune` unfreezes the last few weighted layers of each frozen source (BatchNorm stays
 frozen, in inference mode) and trains with a small learning rate, through the same machinery:
 whatever stays frozen below the unfrozen layers is still computed only once.
 
-Every training function here feeds batches through one data pipeline (:class:`Feed`): a seeded
+Every training function here feeds batches through one data pipeline
+(:class:`kmerge.training.data.Feed`): a seeded
 permutation per epoch that the cached and the uncached paths share, so their losses agree, and
 batches padded to a multiple of the device count (zero sample weight) under an active
 ``keras.distribution``, so data-parallel training never fails on a short batch.

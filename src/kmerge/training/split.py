@@ -18,6 +18,7 @@ from kmerge.graph.replay import Walk, is_graph_model, replay, run_source_ops, su
 
 
 def checked_walk(model: keras.Model) -> Walk:
+    """The walk of a Functional or Sequential ``model``; a clear error for anything else."""
     if not isinstance(model, keras.Model):
         raise InvalidModelError(f"expected a keras.Model, got {type(model).__name__}")
     if not is_graph_model(model):
