@@ -565,8 +565,7 @@ def _text_diagram(model) -> list[str]:
         for call in w.leaf_calls:
             names = inbound.setdefault(id(call.op), [])
             for i in call.inputs:
-                producer = w.producer_call(i)
-                name = producer.name if producer else w.tensors[i].name
+                name = w.name_of(i)
                 if name not in names:
                     names.append(name)
     rows = []

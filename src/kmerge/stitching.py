@@ -93,7 +93,7 @@ def rebuild_from(
     copier = Copier(name, freeze=freeze, taken=taken if taken is not None else set(), copy=True)
 
     def partial(call: Call, missing: list[int]) -> None:
-        names = [w.producer_call(i).name if w.producer_call(i) else "input" for i in missing]
+        names = [w.name_of(i) for i in missing]
         raise IncompatibleModelsError(
             f"layer {call.name!r} of model {name!r} comes after {ref!r} but also reads "
             f"{names}, from before it (a skip connection or another input); stitch at a layer "
@@ -101,7 +101,7 @@ def rebuild_from(
         )
 
     values = replay(w, {cut.outputs[0]: tensor}, copier, on_partial=partial)
-    missing = [w.producer_call(i).name for i in w.outputs if i not in values]
+    missing = [w.name_of(i) for i in w.outputs if i not in values]
     if missing:
         raise IncompatibleModelsError(
             f"output(s) {missing} of model {name!r} do not depend on layer {ref!r}; stitch at a "

@@ -120,6 +120,11 @@ class Walk:
         p = self.producer[wid]
         return None if p is None else self.calls[p[0]]
 
+    def name_of(self, wid: int) -> str:
+        """The name of the call that makes tensor ``wid`` (the input's name for an input)."""
+        call = self.producer_call(wid)
+        return call.name if call is not None else self.tensors[wid].name
+
     # -- references ------------------------------------------------------------------------
     def find(self, ref: LayerRef, *, source: str) -> tuple[Call, int]:
         """The call and output index a tap reference names.
