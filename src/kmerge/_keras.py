@@ -76,11 +76,6 @@ def history(tensor: Any) -> tuple[Any, int, int]:
     return op, int(node_index), int(tensor_index)
 
 
-def inbound_nodes(op: Any) -> list:
-    """Every node (call) of an operation, in any graph. Why private: ``_inbound_nodes``."""
-    return list(getattr(op, "_inbound_nodes", []) or [])
-
-
 def build_shapes(model: Any) -> list:
     """The input shapes a (subclassed) model was built with, batch axis included.
 

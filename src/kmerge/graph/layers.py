@@ -111,10 +111,9 @@ class Inference(keras.layers.Layer):
         self.supports_masking = True
         # The wrapped layer builds itself on its first call; the wrapper has no state.
         self.built = True
-        from kmerge import _keras
-
-        self._inner_training = _keras.call_has_training_arg(layer)
-        self._inner_mask = "mask" in _call_params(layer)
+        params = _call_params(layer)
+        self._inner_training = "training" in params
+        self._inner_mask = "mask" in params
 
     def call(self, inputs, *args, mask=None, **kwargs):
         if mask is not None and self._inner_mask and "mask" not in kwargs:

@@ -133,7 +133,7 @@ class Walk:
         ``'@k'`` (k-th call of a shared layer or of a nested model's inner layer, counted in
         this walk) and ``'[j]'`` (j-th output of a multi-output layer).
         """
-        op, call, out = self.resolve(ref, source=source)
+        op, call, out = resolve_ref(self.model, ref, source=source)
         calls = self.calls_of(op)
         if not calls:
             raise TapError(
@@ -165,10 +165,6 @@ class Walk:
                 f"not [{out}]"
             )
         return c, out
-
-    def resolve(self, ref: LayerRef, *, source: str) -> tuple[Any, int | None, int | None]:
-        """(operation, call index or None, output index or None) for a reference."""
-        return resolve_ref(self.model, ref, source=source)
 
 
 def _base(ref: LayerRef) -> str:
