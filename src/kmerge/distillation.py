@@ -20,7 +20,7 @@ import numpy as np
 from kmerge import _keras
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph.rebuild import check_model
-from kmerge.metadata import attach, meta_of
+from kmerge.metadata import attach, lineage, meta_of
 
 __all__ = ["distill", "teacher_logits"]
 
@@ -234,7 +234,7 @@ def distill(
         if swap:
             out_layer.activation = saved
     meta = meta_of(student) or {}
-    attach(student, {**meta, "distill": {
+    attach(student, {**meta, "source_paths": lineage(student, *teachers), "distill": {
         "teachers": [t.name for t in teachers],
         "temperature": float(temperature),
         "alpha": float(alpha),

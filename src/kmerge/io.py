@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kmerge.errors import InvalidModelError, ModelLoadError, SaveError
-from kmerge.metadata import attach, meta_of
+from kmerge.metadata import attach, lineage, meta_of
 
 __all__ = ["LoadInfo", "load", "load_info", "save", "SAVE_SUFFIXES"]
 
@@ -260,12 +260,9 @@ def _load_savedmodel(p: Path) -> Any:
 
 
 def _source_paths(model: Any) -> set[Path]:
-    meta = meta_of(model) or {}
-    paths = list(meta.get("source_paths", [])) if isinstance(meta, dict) else []
-    info = load_info(model)
-    if info is not None:
-        paths.append(info.path)
-    return {Path(s).expanduser().resolve() for s in paths}
+    """Every file ``model`` derives from, through every kmerge operation (a merge of merges
+    included): :func:`kmerge.metadata.lineage`."""
+    return {Path(s) for s in lineage(model)}
 
 
 def save(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -307,8 +304,8 @@ def save(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Pat
                         f"(mkdir -p {parent})")
     target = parent.resolve() / p.name
     if target.resolve() in _source_paths(model):
-        raise SaveError(f"{target}: is the file a source model was loaded from; kmerge never "
-                        "overwrites a source: choose another path")
+        raise SaveError(f"{target}: is the file a source model was loaded from (this model "
+                        "derives from it); kmerge never overwrites a source: choose another path")
     if target.is_dir():
         raise SaveError(f"{target}: is a directory; pass a file path ending in .keras")
     if target.exists() and not overwrite:

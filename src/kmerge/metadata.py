@@ -8,6 +8,7 @@ travels with the model through :func:`kmerge.save` / :func:`kmerge.load`.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 _ATTR = "_kmerge_meta"
@@ -34,3 +35,35 @@ def attach(model: Any, meta: dict) -> Any:
     tracking; ``object.__setattr__`` bypasses the tracker) and return the model."""
     object.__setattr__(model, _ATTR, meta)
     return model
+
+
+def own_path(model: Any) -> str | None:
+    """The file ``model`` was loaded from by :func:`kmerge.load`, if any."""
+    loaded = getattr(model, "_kmerge_load", None)  # kmerge.io.LoadInfo
+    path = getattr(loaded, "path", None)
+    return str(path) if path else None
+
+
+def lineage(*models: Any) -> list[str]:
+    """Every file ``models`` derive from: each one's own file and, recursively, the files its
+    metadata records (``source_paths``), so a merge of merges still knows its grandparents and
+    :func:`kmerge.save` can refuse to overwrite any of them. Absolute, resolved, sorted."""
+    paths: set[str] = set()
+    for model in models:
+        if model is None:
+            continue
+        mine = own_path(model)
+        if mine:
+            paths.add(mine)
+        meta = meta_of(model) or {}
+        recorded = meta.get("source_paths", [])
+        if isinstance(recorded, list):
+            paths.update(p for p in recorded if isinstance(p, str) and p)
+    return sorted({str(Path(p).expanduser().resolve()) for p in paths})
+
+
+def inherit(model: Any, *parents: Any) -> Any:
+    """Add the lineage of ``parents`` to ``model``'s metadata (created if missing)."""
+    meta = dict(meta_of(model) or {})
+    meta["source_paths"] = lineage(model, *parents)
+    return attach(model, meta)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kmerge.arguments import labels, model_inputs
 from kmerge.errors import InvalidArgumentError, InvalidModelError
 from kmerge.metadata import meta_of
 
@@ -96,7 +97,10 @@ def write_report(
     """
     out = pathlib.Path(out_dir)
     names, source_names = _check_args(out, models, final, sources, verify, task, batch_size)
-    xs = _inputs_per_model(x, models)
+    # every input checked against its model before any model runs (see kmerge.arguments)
+    xs = {name: model_inputs(models[name], v, "x" if not isinstance(x, Mapping) or
+                             set(x) != set(models) else f"x[{name!r}]")
+          for name, v in _inputs_per_model(x, models).items()}
     y_arr = np.asarray(y)
     for name in names:
         n = _length(xs[name], name)
@@ -107,6 +111,7 @@ def write_report(
             )
     if len(y_arr) == 0:
         raise InvalidArgumentError("y is empty; a report needs at least one test example")
+    y_arr = labels(y_arr, len(y_arr), "y")  # numbers, finite
     task = _resolve_task(task, y_arr)
 
     data = _evaluate(models, names, xs, y_arr, task=task, batch_size=batch_size)
@@ -252,31 +257,25 @@ def _labels(y: np.ndarray) -> np.ndarray:
 
 # -- evaluation ----------------------------------------------------------------------------
 
-def _predict(model, x, batch_size: int) -> np.ndarray:
-    out = model.predict(x, batch_size=batch_size, verbose=0)
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, list | tuple):  # several outputs: the report is about the first
-        out = out[0]
-    return np.asarray(out)
+def _predict(model, xs: list, batch_size: int) -> np.ndarray:
+    from kmerge.graph import compiled
+
+    # several outputs: the report is about the first
+    return compiled.predict(model, xs, batch_size=batch_size)[0]
 
 
-def _batch_of(x: Any, n: int) -> Any:
-    if isinstance(x, Mapping):
-        return {k: np.asarray(v)[:n] for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [np.asarray(v)[:n] for v in x]
-    return np.asarray(x)[:n]
+def _latency(model, xs: list, batch_size: int, n: int) -> dict:
+    """Median time of the model's compiled inference function on one batch (the function
+    kmerge runs; Keras's ``predict`` on jax would empty the model if interrupted)."""
+    from kmerge.graph import compiled
 
-
-def _latency(model, x, batch_size: int, n: int) -> dict:
     k = min(batch_size, n)
-    batch = _batch_of(x, k)
-    model.predict(batch, batch_size=batch_size, verbose=0)  # warm-up (traces and compiles)
+    batch = [a[:k] for a in xs]
+    compiled.predict(model, batch, batch_size=k)  # warm-up (traces and compiles)
     times = []
     for _ in range(_TIMED_CALLS):
         start = time.perf_counter()
-        model.predict(batch, batch_size=batch_size, verbose=0)
+        compiled.predict(model, batch, batch_size=k)
         times.append(time.perf_counter() - start)
     per_batch = statistics.median(times)
     return {"latency_ms_per_example": 1000.0 * per_batch / k,
@@ -618,7 +617,7 @@ def _markdown(data: dict) -> str:
                   f"{_delta(r['delta_vs_best_source'], task)} | {r['params_total']:,} | "
                   f"{r['params_trainable']:,} | {r['latency_ms_per_example']:.4f} |")
     lat = next(iter(data["models"].values()))
-    md += ["", f"Latency: median of {lat['latency_calls']} `predict` calls on a batch of "
+    md += ["", f"Latency: median of {lat['latency_calls']} compiled inference calls on a batch of "
            f"{lat['latency_batch']} after one warm-up, divided by the batch size.", ""]
     md += ["![metric per model](accuracy.png)", ""]
 

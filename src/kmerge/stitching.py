@@ -18,11 +18,12 @@ from typing import Any
 import keras
 import numpy as np
 
+from kmerge.arguments import integer, labels, model_inputs
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, TapError
 from kmerge.graph import compiled
 from kmerge.graph.rebuild import Copier, LayerRef, check_model, input_specs, rebuild
 from kmerge.graph.replay import Call, is_graph_model, replay, resolve_ref, submodel, walk
-from kmerge.metadata import attach
+from kmerge.metadata import attach, lineage, own_path
 
 __all__ = ["stitch", "rebuild_from"]
 
@@ -156,7 +157,7 @@ def _least_squares(stitch_layer, fa: np.ndarray, fb: np.ndarray, seed: int) -> f
 
 
 def _score(model: keras.Model, x: Any, y: np.ndarray, batch_size: int) -> tuple[str, float]:
-    pred = np.asarray(model.predict(x, batch_size=max(batch_size, 256), verbose=0))
+    pred = compiled.predict(model, x, batch_size=max(batch_size, 256))[0]
     y = np.asarray(y)
     if pred.ndim == 2 and pred.shape[1] > 1 and np.issubdtype(y.dtype, np.integer):
         return "accuracy", float(np.mean(np.argmax(pred, -1) == y.reshape(-1)))
@@ -235,12 +236,19 @@ def stitch(
         raise TapError(f"model 'a' is a subclassed {type(a).__name__}; it cannot be cut")
     resolve_ref(a, ref_a, source="a")  # fail early with the nearest names
     walk_b, cut_b = _cut(b, ref_b, source="b")
-    x_np = np.asarray(keras.ops.convert_to_numpy(x)) if not isinstance(x, np.ndarray) else x
-    y_np = np.asarray(keras.ops.convert_to_numpy(y)) if not isinstance(y, np.ndarray) else y
-    if len(x_np) != len(y_np):
-        raise InvalidArgumentError(
-            f"x has {len(x_np)} samples but y has {len(y_np)}; pass one target per sample"
-        )
+    # every array is checked against both models before anything runs (see kmerge.arguments)
+    batch_size = integer(batch_size, "batch_size")
+    (x_np,) = model_inputs(a, x, "x")
+    model_inputs(b, x_np, "x (b alone is scored on it: the penalty's baseline)")
+    y_np = labels(y, len(x_np), "y")
+    if validation_data is not None:
+        if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+            raise InvalidArgumentError(
+                "validation_data must be a pair (x_val, y_val); received "
+                f"{type(validation_data).__name__}")
+        (xv,) = model_inputs(a, validation_data[0], "validation_data x")
+        model_inputs(b, xv, "validation_data x")
+        validation_data = (xv, labels(validation_data[1], len(xv), "validation_data y"))
 
     taken: set[str] = set()
     (shape, dtype, _), = input_specs(a)
@@ -260,13 +268,12 @@ def stitch(
                         name=name or f"kmerge_stitch_{a.name}_{b.name}")
 
     # Least squares: A's (resized / flattened) features -> B's features at the cut.
-    fa = np.asarray(keras.Model(inp, pre).predict(x_np, batch_size=256, verbose=0))
+    fa = compiled.predict(keras.Model(inp, pre), x_np)[0]
     b_ins = [walk_b.tensors[i] for i in walk_b.inputs]
     fb = compiled.predict(submodel(b_ins, walk_b.tensors[cut_b.outputs[0]]), x_np)[0]
     r2 = _least_squares(layers[-1], fa, fb, seed)
 
     xv, yv = (validation_data if validation_data is not None else (x_np, y_np))
-    yv = np.asarray(yv)
     metric, b_score = _score(b, xv, yv, batch_size)
     _, ls_score = _score(model, xv, yv, batch_size)
     history = None
@@ -279,9 +286,10 @@ def stitch(
     meta = {
         "kind": "stitch",
         "sources": {
-            "a": {"frozen": True, "layer": str(ref_a), "path": None},
-            "b": {"frozen": True, "layer": str(ref_b), "path": None},
+            "a": {"frozen": True, "layer": str(ref_a), "path": own_path(a)},
+            "b": {"frozen": True, "layer": str(ref_b), "path": own_path(b)},
         },
+        "source_paths": lineage(a, b),
         "stitch": {
             "at": [str(ref_a), str(ref_b)],
             "layers": [la.name for la in layers],

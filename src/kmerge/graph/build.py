@@ -16,7 +16,7 @@ from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph import adapters as _adapters
 from kmerge.graph.rebuild import Rebuilt, check_model, input_specs, rebuild
 from kmerge.graph.replay import tensor_ref, walk
-from kmerge.metadata import attach
+from kmerge.metadata import attach, lineage, own_path
 from kmerge.verification import verify as check
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -91,14 +91,6 @@ def frozen_names(freeze: Any, names: Iterable[str]) -> set[str]:
             f"freeze names {sorted(unknown)} are not sources; sources are {names}"
         )
     return chosen
-
-
-def source_path(model: keras.Model) -> str | None:
-    """The file ``model`` was loaded from by :func:`kmerge.load`, if any."""
-    from kmerge.io import load_info
-
-    info = load_info(model)
-    return info.path if info else None
 
 
 def shape_of(t) -> tuple:
@@ -292,16 +284,14 @@ class GraphBuilder:
                     "outputs": refs(r.outputs),
                     "taps": [[ref, tensor_ref(w, t)] for ref, t in self.taps[n]],
                     "frozen": n in self.frozen,
-                    "path": source_path(self.sources[n]),
+                    "path": own_path(self.sources[n]),
                 }
                 for n, r in self.rebuilt.items()
             },
             "adapters": self.adapters,
             "combine": self.combine_name,
             "head": self.head,
-            "source_paths": sorted(
-                {p for p in (source_path(m) for m in self.sources.values()) if p}
-            ),
+            "source_paths": lineage(*self.sources.values()),
             "notes": [f"{n}: {note}" for n, r in self.rebuilt.items() for note in r.notes],
         }
         attach(model, meta)

@@ -31,7 +31,7 @@ import numpy as np
 
 from kmerge.errors import InvalidArgumentError, InvalidModelError
 from kmerge.graph.rebuild import check_model, is_graph_model
-from kmerge.metadata import attach
+from kmerge.metadata import attach, lineage
 from kmerge.weights.matching import activation_matching, weight_matching
 from kmerge.weights.spec import Spec, check_same, layer_weights, permuted, spec_walk
 
@@ -85,7 +85,7 @@ def random_permute(model: keras.Model, *, seed: int = 0) -> keras.Model:
     rng = np.random.default_rng(seed)
     perms = {g: rng.permutation(spec.groups[g].size) for g in spec.active()}
     new = _model_with(model, permuted(spec, _arrays(model), perms))
-    attach(new, {"kind": "random_permute",
+    attach(new, {"kind": "random_permute", "source_paths": lineage(model),
                                              "perms": [perms[g].tolist() for g in perms]})
     return new
 
@@ -192,6 +192,7 @@ def align(
     new = _model_with(other, permuted(spec, other_arrays, perms))
     attach(new, {
         "kind": "align",
+        "source_paths": lineage(other, reference),
         "method": method,
         "groups": spec.describe(),
         "fenced": list(spec.fenced),

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from kmerge.arguments import labels, model_inputs
 from kmerge.errors import (
     InvalidArgumentError,
     InvalidModelError,
 )
-from kmerge.metadata import attach
+from kmerge.metadata import attach, lineage
 from kmerge.weights.methods import merge_methods, supplied_params
 from kmerge.weights.statistics import dense_grams, fisher_diagonals, predict_numpy
 from kmerge.weights.validate import (
@@ -89,6 +90,16 @@ def _clone(model):
             f"a clone of {model.name!r} has {len(clone.weights)} variables but the model has "
             f"{len(model.weights)}; build the model (call it once on data) before merging")
     return clone
+
+
+def _checked_data(model, x, y) -> tuple[Any, Any]:
+    """``data`` checked against ``model`` before any forward pass (see kmerge.arguments)."""
+    if x is None:
+        return None, None
+    xs = model_inputs(model, x, "data x")
+    if y is not None:
+        y = labels(y, len(xs[0]), "data y")
+    return (xs[0] if len(xs) == 1 else xs), y
 
 
 def _accuracy(model, x, y) -> float:
@@ -294,13 +305,13 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         from kmerge.weights.repair import repair as repair_fn
 
     # --- load and check
-    from kmerge.io import load_info
-
     loaded = [as_model(m, f"models[{i}]") for i, m in enumerate(models)]
     names = [f"models[{i}] ({m.name!r})" for i, m in enumerate(loaded)]
     base_model = as_model(base, "base") if base is not None else None
     check_compatible(loaded + ([base_model] if base_model is not None else []),
                      names + (["base"] if base_model is not None else []))
+    ancestry = lineage(*loaded, base_model)
+    x, y = _checked_data(loaded[0], x, y)
     if align_fn is not None:
         loaded = [loaded[0]] + [align_fn(loaded[0], m, method=align, data=x) for m in loaded[1:]]
 
@@ -328,7 +339,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         "params": {p: o for p, _, o in compiled_params}, "exclude": [p for p, _ in excl],
         "weights": norm_w, "align": align, "repair": repair,
         "source_names": [m.name for m in loaded],
-        "source_paths": [info.path for info in map(load_info, loaded) if info is not None],
+        "source_paths": ancestry,
         "excluded_variables": sorted(excluded),
         "copied_non_float": [p for p, f in zip(paths, float_vars) if not f],
     }

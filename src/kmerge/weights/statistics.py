@@ -11,7 +11,16 @@ from kmerge.errors import (
 
 
 def predict_numpy(model, x) -> np.ndarray:
-    return np.asarray(model.predict(x, batch_size=256, verbose=0))
+    """The single output of ``model`` on ``x`` (checked first; the variables are never written:
+    see :mod:`kmerge.arguments`)."""
+    from kmerge.arguments import outputs
+
+    outs = outputs(model, x, "data x")
+    if len(outs) != 1:
+        raise InvalidArgumentError(
+            f"model {model.name!r} has {len(outs)} outputs; accuracy and Fisher statistics need "
+            "a model with one output")
+    return outs[0]
 
 
 def looks_like_probs(out: np.ndarray) -> bool:
@@ -46,7 +55,13 @@ def fisher_diagonals(model, x, *, samples: int = 256, batch: int = 32) -> list[n
     """
     import keras
 
-    x = np.asarray(x)[:samples]
+    from kmerge.arguments import model_inputs
+
+    xs = model_inputs(model, x, "data x")
+    if len(xs) != 1:
+        raise InvalidArgumentError(
+            f"method='fisher' supports models with one input; {model.name!r} has {len(xs)}")
+    x = xs[0][:samples]
     first = predict_numpy(model, x[:2]).reshape(2, -1)
     probs, binary = looks_like_probs(first), first.shape[-1] == 1
     to_logp = _log_probs_fn(probs, binary)
@@ -124,10 +139,12 @@ def dense_grams(model, x, *, samples: int = 256) -> dict[int, np.ndarray]:
     dense = [c.op for c in calls]
     if not dense:
         return {}
-    probe = submodel(model.inputs, [w.tensors[c.inputs[0]] for c in calls])
-    outs = probe.predict(np.asarray(x)[:samples], batch_size=256, verbose=0)
-    if len(dense) == 1 and not isinstance(outs, list):
-        outs = [outs]
+    from kmerge.arguments import model_inputs
+    from kmerge.graph.compiled import predict
+
+    xs = [a[:samples] for a in model_inputs(model, x, "data x")]
+    # a probe sharing the model's layers: run statelessly, never through Keras's predict
+    outs = predict(submodel(model.inputs, [w.tensors[c.inputs[0]] for c in calls]), xs)
     index = {id(v): i for i, v in enumerate(model.weights)}
     grams = {}
     for layer, X in zip(dense, outs):

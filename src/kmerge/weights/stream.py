@@ -113,6 +113,25 @@ def _member_offset(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> in
     return info.header_offset + 30 + name_len + extra_len
 
 
+def _recorded_lineage(p: Path) -> set[str]:
+    """The files a saved merge was derived from, as its kmerge metadata records them (empty
+    when it has none or it cannot be read: the metadata only adds protection)."""
+    import h5py
+
+    try:
+        if _kind(p) == ".weights.h5":
+            with h5py.File(p, "r") as f:
+                raw = f.attrs.get("kmerge_meta")
+        else:
+            with zipfile.ZipFile(p) as zf:
+                raw = zf.read(_META_MEMBER) if _META_MEMBER in zf.namelist() else None
+        meta = json.loads(raw) if raw is not None else {}
+        paths = meta.get("source_paths", []) if isinstance(meta, dict) else []
+        return {str(Path(q).resolve()) for q in paths if isinstance(q, str) and q}
+    except (OSError, ValueError, RecursionError, zipfile.BadZipFile):
+        return set()
+
+
 @contextlib.contextmanager
 def _open_weights(p: Path, stack: contextlib.ExitStack):
     import h5py
@@ -311,8 +330,11 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
         raise SaveError(f"{out}: the inputs are {kind} files, so the output must end in {kind}")
     if not out.parent.is_dir():
         raise SaveError(f"{out}: the directory {out.parent} does not exist; create it first")
-    if out.resolve() in {p.resolve() for p in all_in}:
-        raise SaveError(f"{out}: is a source file; kmerge never overwrites a source")
+    ancestry = sorted({str(p.resolve()) for p in all_in}.union(
+        *(_recorded_lineage(p) for p in all_in)))
+    if str(out.resolve()) in ancestry:
+        raise SaveError(f"{out}: is a source file (or a file a source was derived from); kmerge "
+                        "never overwrites a source: choose another path")
     if out.exists() and not overwrite:
         raise SaveError(f"{out}: already exists; pass overwrite=True or choose another path")
 
@@ -386,7 +408,7 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
                 meta = {"kind": "weights", "method": method, "method_params": method_params,
                         "params": {p: o for p, _, o in compiled},
                         "exclude": [p for p, _ in excl], "weights": norm_w, "streamed": True,
-                        "source_paths": [str(p) for p in srcs], "drift": drift,
+                        "source_paths": ancestry, "drift": drift,
                         "copied": copied, "seconds": time.perf_counter() - t0}
                 if drift:
                     worst = max(drift, key=lambda k_: max(drift[k_]))

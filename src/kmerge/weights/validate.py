@@ -72,6 +72,7 @@ def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if w.sum() <= 0:
         raise InvalidArgumentError(f"weights sum to zero ({w.tolist()}); give at least one model "
                                    "a positive weight, e.g. weights=[1, 1] for a plain average")
+    w = w / w.max()  # scale first: [1e308, 1e308] would overflow the sum to inf
     return (w / w.sum()).tolist()
 
 
@@ -237,3 +238,9 @@ def check_compatible(models: Sequence[Any], names: Sequence[str]) -> None:
                 raise IncompatibleModelsError(
                     f"{ref_name} and {name} differ at variable {va.path!r}: shape "
                     f"{tuple(va.shape)} in {ref_name} but {tuple(vb.shape)} in {name}; {fix}")
+            if str(va.dtype) != str(vb.dtype):
+                raise IncompatibleModelsError(
+                    f"{ref_name} and {name} store variable {va.path!r} as {va.dtype} and "
+                    f"{vb.dtype}: a merge would silently round one of them; load both with one "
+                    "dtype policy (e.g. rebuild the float16 model in float32 and copy its "
+                    "weights) and merge again")
