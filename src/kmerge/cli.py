@@ -1,14 +1,18 @@
 """The ``kmerge`` command line. Holds no merge logic; Keras is imported only by the
 subcommands that need it, so ``kmerge --help``, ``list``, ``schema`` and ``validate`` stay fast.
 
-Exit codes: 0 success, 1 a kmerge error (``error: ...`` on stderr, no traceback unless
-``--debug``), 2 usage. Nothing is written when a command fails.
+Exit codes: 0 success, 1 a kmerge error (one line ``error: ...`` on stderr, no traceback
+unless ``--debug``) or a closed output pipe (``kmerge schema | head``: quiet), 2 usage,
+130 interrupted (Ctrl-C: ``interrupted`` on stderr). Nothing is written when a command fails.
+An unexpected exception (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,8 +79,10 @@ def _parser() -> argparse.ArgumentParser:
                        ("plan", "validate a recipe and print each merge's plan")):
         r = sub.add_parser(name, help=text)
         r.add_argument("recipe")
-        if name == "run":
-            r.add_argument("-o", "--output-dir", help="save outputs here instead of the recipe's paths")
+        if name in ("run", "validate"):  # validate checks the outputs run would write
+            r.add_argument("-o", "--output-dir",
+                           help="save outputs here (an existing folder) instead of the recipe's "
+                                "paths")
             r.add_argument("--report", metavar="DIR", help="write report.md, figures, report.json")
 
     ver = sub.add_parser("verify", help="check a saved merge against its source files")
@@ -119,14 +125,35 @@ def _parse_value(v: str):
     return {"true": True, "false": False, "none": None}.get(v.lower(), v)
 
 
-def parse_params(items: Sequence[str]) -> dict:
+def parse_params(items: Sequence[str], method: str | None = None) -> dict:
+    """``["density=0.2", "seed=3"]`` -> ``{"density": 0.2, "seed": 3}``; with ``method``, each
+    value is checked against the type in that method's signature."""
+    from kmerge.recipe import param_problem
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InvalidArgumentError(f"--param {item!r}: use KEY=VALUE, e.g. density=0.2")
         out[key] = _parse_value(value)
+        problem = param_problem(method, key, out[key]) if method else None
+        if problem:
+            raise InvalidArgumentError(f"--param {item!r}: {problem}")
     return out
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """``--weights 1,3`` -> ``[1.0, 3.0]``."""
+    if not text:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise InvalidArgumentError(
+            f"--weights {text!r}: use comma-separated numbers, one per model, e.g. 1,3") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise InvalidArgumentError(f"--weights {text!r}: weights must be finite numbers")
+    return weights
 
 
 def _names(paths: Sequence[str]) -> dict[str, str]:
@@ -184,6 +211,9 @@ def _inspect(args, echo) -> int:
     from kmerge.inspect import summarize
     from kmerge.io import load
 
+    if args.unsafe:
+        _warn(f"{args.model}: loading with safe_mode off (--unsafe): Lambda layers in it run "
+              "their Python code; only for files you trust")
     summary = summarize(load(args.model, safe_mode=not args.unsafe))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary)
     return 0
@@ -203,7 +233,7 @@ def _sequential(args, echo) -> int:
 def _parallel(args, echo) -> int:
     import kmerge
 
-    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    weights = parse_weights(args.weights)
     head = parse_head(args.head)
     if not args.dry_run:
         _check_output(args.output, args.overwrite, args.models)
@@ -238,7 +268,7 @@ def _fuse(args, echo) -> int:
 def _weights(args, echo) -> int:
     import kmerge
 
-    params = parse_params(args.param)
+    params = parse_params(args.param, args.method)
     _check_output(args.output, args.overwrite, [*args.models, *([args.base] if args.base else [])])
     from kmerge.io import load
 
@@ -250,20 +280,29 @@ def _weights(args, echo) -> int:
 
 
 def _validate(args, echo) -> int:
-    from kmerge.recipe import load_recipe
+    from kmerge.recipe import check_outputs, load_recipe, unsafe_warnings
 
     recipe = load_recipe(args.recipe)
+    outputs = check_outputs(recipe, out_dir=args.output_dir, report=args.report)
+    for line in unsafe_warnings(recipe):
+        _warn(line)
     echo(f"{args.recipe}: OK ({len(recipe.models)} models, {len(recipe.steps)} steps: "
          f"{', '.join(s.kind for s in recipe.steps)})")
+    for t in outputs.saves:
+        echo(f"  steps[{t.step}] writes {t.path}" + (" (overwrite)" if t.overwrite else ""))
+    if outputs.report is not None:
+        echo(f"  --report writes {outputs.report}")
     return 0
 
 
 def _plan(args, echo) -> int:
     import kmerge
-    from kmerge.recipe import load_recipe
+    from kmerge.recipe import load_recipe, unsafe_warnings
     from kmerge.runner import build_head, freeze_arg
 
     recipe = load_recipe(args.recipe)
+    for line in unsafe_warnings(recipe):
+        _warn(line)
     models = {n: kmerge.load(recipe.path_of(s.path), safe_mode=s.safe_mode)
               for n, s in recipe.models.items()}
     for i, step in enumerate(recipe.steps):
@@ -296,24 +335,8 @@ def _run(args, echo) -> int:
     from kmerge.runner import run
 
     recipe = load_recipe(args.recipe)
-    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
-        raise InvalidArgumentError(f"--report {args.report} is a file; give a directory")
-    out = Path(args.output_dir) if args.output_dir else None
-    if out is not None and not out.is_dir():
-        raise InvalidArgumentError(f"--output-dir {out} does not exist; create it first")
-    result = run(recipe, echo=echo, out=out)
-    if args.report:
-        from kmerge.report import write_report
-        from kmerge.runner import inputs_for
-
-        if result.data is None:
-            raise InvalidArgumentError("--report needs a data: section in the recipe")
-        final = result.final or result.sources[-1]
-        # each model gets the test data shaped for its own inputs
-        xs = {n: inputs_for(m, result.data.x_test) for n, m in result.models.items()}
-        path = write_report(args.report, models=result.models, x=xs, y=result.data.y_test,
-                            final=final, sources=result.sources, verify=result.verify)
-        echo(f"report: {path}")
+    # run() checks every output (and --report's need for data) before any work
+    run(recipe, echo=echo, out=args.output_dir, report=args.report, warn=_warn)
     return 0
 
 
@@ -376,8 +399,36 @@ _COMMANDS = {
 }
 
 
+def _warn(text: str) -> None:
+    """A warning line on stderr (also under --quiet)."""
+    print(f"warning: {text}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 1 kmerge error, 2 usage)."""
+    """Run the command line; returns the exit code (0 ok, 1 kmerge error, 2 usage,
+    130 interrupted)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``kmerge schema | head``). Point stdout at devnull so the
+        # interpreter's final flush does not fail again, and exit quietly (Python docs,
+        # "Note on SIGPIPE").
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout replaced (tests): nothing to do
+            pass
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -389,11 +440,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(text)
 
     try:
-        return _COMMANDS[args.command](args, echo)
+        code = _COMMANDS[args.command](args, echo)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except KmergeError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -3,8 +3,15 @@
 A recipe names its models (paths), its data (a built-in dataset, ``.npz`` arrays or a CSV),
 and steps that build merges, train them, verify, evaluate and save. Steps refer to models and
 to earlier steps by name. :func:`load_recipe` checks everything that can be checked without
-Keras — keys, names, references, methods and their parameters, file existence — and each error
-names the file and the key path (``steps[2].method``). This module never imports Keras.
+Keras — keys, names, references, methods and their parameters, file existence, output paths
+that would overwrite an input or each other — and each error names the file and the key path
+(``steps[2].method``). :func:`check_outputs` adds what depends on the run's arguments and the
+file system (``-o``, ``--report``, existing outputs, directories). This module never imports
+Keras.
+
+YAML is read strictly: aliases and anchors are refused (a few hundred bytes of nested aliases
+expand to gigabytes), only ``true``/``false`` are booleans (``yes``, ``off``, ``0`` are not),
+and every value must have its key's type (no ``"3"`` for a number).
 
 >>> recipe = load_recipe("examples/parallel.yaml")
 >>> [s.kind for s in recipe.steps]
@@ -14,12 +21,15 @@ names the file and the key path (``steps[2].method``). This module never imports
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from kmerge.errors import RecipeError
 
@@ -32,7 +42,8 @@ WEIGHT_EXTRA_METHODS = ("greedy_soup",)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a YAML value must already have the key's type (no "3" -> 3, no 0 -> false)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSpec(_Strict):
@@ -56,9 +67,10 @@ class DataSpec(_Strict):
     y_test: str | None = None
     test_size: float = Field(0.3, gt=0.0, lt=1.0)
     seed: int = 0
-    shape: list[int] | None = None  # reshape each example, e.g. [8, 8, 1]
-    scale: float | None = None  # divide x by this number
-    noise: float | None = Field(None, ge=0.0)  # add N(0, noise) to x (train and test), seeded
+    shape: list[PositiveInt] | None = None  # reshape each example, e.g. [8, 8, 1]
+    scale: float | None = Field(None, gt=0.0, allow_inf_nan=False)  # divide x by this number
+    # add N(0, noise) to x (train and test), seeded
+    noise: float | None = Field(None, ge=0.0, allow_inf_nan=False)
 
     @field_validator("source")
     @classmethod
@@ -78,7 +90,7 @@ class HeadSpec(_Strict):
 
     kind: Literal["classifier", "regressor"]
     units: int = Field(gt=0)
-    hidden: list[Annotated[int, Field(gt=0)]] = []
+    hidden: list[PositiveInt] = []
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
@@ -200,8 +212,9 @@ class Recipe(_Strict):
     models: dict[str, ModelSpec] = Field(min_length=1)
     data: DataSpec | None = None
     steps: list[Step] = Field(min_length=1)
-    # Set by load_recipe: where relative paths start.
+    # Set by load_recipe: where relative paths start, and the recipe file itself.
     base_dir: str = "."
+    file: str | None = None
 
     def path_of(self, relative: str) -> Path:
         p = Path(relative).expanduser()
@@ -211,8 +224,15 @@ class Recipe(_Strict):
 def schema() -> dict:
     """The JSON Schema of a recipe (``kmerge schema``)."""
     s = Recipe.model_json_schema()
-    s.get("properties", {}).pop("base_dir", None)
+    for key in _INTERNAL:
+        s.get("properties", {}).pop(key, None)
     return s
+
+
+_INTERNAL = ("base_dir", "file")  # set by load_recipe, never by the file
+
+
+_UNION_TAGS = ("bool", "str", "int", "float", "none")
 
 
 def _loc(loc: tuple) -> str:
@@ -222,6 +242,8 @@ def _loc(loc: tuple) -> str:
             out += f"[{part}]"
         elif part in BUILDS + ("fit_head", "fine_tune", "verify", "evaluate", "save"):
             continue  # the discriminator's branch name adds nothing for the reader
+        elif part in _UNION_TAGS or "[" in part or "-" in part:
+            continue  # a union member's type tag (freeze.bool, taps.x.list[...])
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
@@ -229,6 +251,100 @@ def _loc(loc: tuple) -> str:
 
 def _fail(path: Path, where: str, msg: str) -> RecipeError:
     return RecipeError(f"{path}: {where}: {msg}")
+
+
+# -- reading YAML --------------------------------------------------------------------------------
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that is valid but not accepted in a recipe (an alias or an anchor)."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases and anchors, and with YAML 1.2 booleans.
+
+    An alias (``*name``) repeats a node by reference: nine nested lists of nine aliases are a
+    few hundred bytes that expand to 9**9 strings when the recipe is validated or printed.
+    Recipes are small, so they are refused outright (at the first anchor, before any
+    expansion). Only ``true``/``false`` are booleans: YAML 1.1 also reads ``yes``, ``no``,
+    ``on`` and ``off`` as booleans, which turns a layer named ``off`` into ``False``.
+    """
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(None, None, f"alias '*{event.anchor}' refused: recipes may not use "
+                           "YAML aliases or anchors; write the value out in full",
+                           event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused(None, None, f"anchor '&{event.anchor}' refused: recipes may not use "
+                           "YAML aliases or anchors; write the value out in full",
+                           event.start_mark)
+        return super().compose_node(parent, index)
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``, read with :class:`_RecipeLoader`.
+
+    Raises:
+        RecipeError: naming the file, the line and column, and the problem.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({type(exc).__name__}: {exc})") from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        problem = getattr(exc, "problem", None) or str(exc)
+        kind = "" if isinstance(exc, _Refused) else "invalid YAML: "
+        raise _fail(path, where, f"{kind}{problem}") from None
+    except RecursionError:
+        raise _fail(path, "YAML", "nested too deeply to read; a recipe is a few levels of "
+                    "mappings and lists") from None
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str]:
+    """(key path, message) for the first problem pydantic found."""
+    errors = exc.errors()
+    err = errors[0]
+    where = _loc(tuple(err["loc"]))
+    given = err.get("input")
+    if err["type"] == "extra_forbidden":
+        return where, f"unknown key {err['loc'][-1]!r}"
+    if err["type"] == "union_tag_invalid":
+        kind = given.get("kind") if isinstance(given, dict) else given
+        return (_loc((*err["loc"], "kind")),
+                f"unknown step kind {kind!r}; kinds are sequential, parallel, fuse, weights, "
+                "fit_head, fine_tune, distill, verify, evaluate, save")
+    # a union reports one error per member at the same key: say what each member wants
+    same = [e for e in errors if _loc(tuple(e["loc"])) == where]
+    wants = []
+    for e in same:
+        if e["type"] == "bool_type":
+            text = "true or false (a YAML boolean; yes, no, on, off, 0 and 1 are not)"
+        elif e["type"] == "missing":
+            return where, "required key is missing"
+        else:
+            text = e["msg"].removeprefix("Input should be ")
+        if text not in wants:
+            wants.append(text)
+    if all(e["msg"].startswith("Input should be ") or e["type"] == "bool_type" for e in same):
+        msg = f"must be {' or '.join(wants)}; got {given!r}"
+    else:
+        msg = f"{err['msg']}; got {given!r}"
+    if where.endswith("safe_mode") and err["type"] == "bool_type":
+        msg += " (safe_mode: false lets Lambda layers run their code: only for trusted files)"
+    return where, msg
 
 
 def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
@@ -240,33 +356,27 @@ def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise _fail(path, where, f"invalid YAML: {problem}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise _fail(path, "(top level)", "a recipe is a mapping with models, data and steps")
-    raw.pop("base_dir", None)
+    for key in _INTERNAL:
+        if key in raw:
+            raise _fail(path, key, f"unknown key {key!r}")
     try:
-        recipe = Recipe.model_validate({**raw, "base_dir": str(path.parent)})
+        recipe = Recipe.model_validate({**raw, "base_dir": str(path.parent),
+                                        "file": str(path)})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key {err['loc'][-1]!r}"
-        elif err["type"] == "union_tag_invalid":
-            given = err.get("input")
-            given = given.get("kind") if isinstance(given, dict) else given
-            err = {**err, "loc": (*err["loc"], "kind")}
-            msg = (f"unknown step kind {given!r}; kinds are "
-                   "sequential, parallel, fuse, weights, fit_head, fine_tune, distill, verify, "
-                   "evaluate, save")
-        raise _fail(path, _loc(tuple(err["loc"])), msg) from None
+        where, msg = _validation_message(exc)
+        raise _fail(path, where, msg) from None
     _check_semantics(recipe, path, check_files=check_files)
     return recipe
+
+
+def unsafe_warnings(recipe: Recipe) -> list[str]:
+    """One line per model the recipe loads with ``safe_mode: false``."""
+    return [f"{recipe.file or 'recipe'}: models.{name}: safe_mode is false: Lambda layers in "
+            f"{spec.path} run their Python code when loaded; keep it only for files you trust"
+            for name, spec in recipe.models.items() if spec.safe_mode is False]
 
 
 def _check_semantics(recipe: Recipe, path: Path, *, check_files: bool) -> None:
@@ -315,17 +425,13 @@ def _check_semantics(recipe: Recipe, path: Path, *, check_files: bool) -> None:
                         f"Valid: {', '.join(COMBINE_OPS)}")
         if kind == "weights":
             _check_method(step, path, at)
-        if kind == "save":
-            target = recipe.path_of(step.path).resolve()
-            for m, spec in recipe.models.items():
-                if recipe.path_of(spec.path).resolve() == target:
-                    raise _fail(path, f"{at}.path", f"{step.path!r} is the file of model {m!r}; "
-                                "a save never overwrites a source: choose another path")
         if kind in BUILDS:
             name = step.name or f"step_{i}"
             if name in known:
                 raise _fail(path, f"{at}.name", f"name {name!r} is already used")
             known.append(name)
+    # output paths against inputs and each other, as far as the recipe alone decides them
+    _resolve_outputs(recipe, path, out_dir=None, report=None)
 
 
 def _check_method(step: WeightsStep, path: Path, at: str) -> None:
@@ -345,16 +451,220 @@ def _check_method(step: WeightsStep, path: Path, at: str) -> None:
         (f"per_layer.{k}", v) for k, v in (step.per_layer or {}).items()
     ]
     for where, params in overrides:
-        for key in params:
+        for key, value in params.items():
             if key not in allowed:
                 raise _fail(path, f"{at}.{where}.{key}",
                             f"method {step.method!r} has no parameter {key!r}; its parameters "
                             f"are {', '.join(allowed) or 'none'}")
+            problem = param_problem(step.method, key, value)
+            if problem:
+                raise _fail(path, f"{at}.{where}.{key}", problem)
+
+
+_PARAM_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def param_problem(method: str, key: str, value: Any) -> str | None:
+    """Why ``value`` cannot be parameter ``key`` of weight-merge ``method`` (by the type in the
+    method's signature), or None. Unknown methods and parameters are left to other checks."""
+    import inspect
+
+    from kmerge.weights.methods import merge_methods
+
+    if method not in merge_methods:
+        return None
+    param = inspect.signature(merge_methods.get(method)).parameters.get(key)
+    if param is None:
+        return None
+    ann = param.annotation
+    ann = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+    if ann not in _PARAM_KINDS:
+        return None
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, int | float) and not isinstance(value, bool)
+          and math.isfinite(value),
+          "str": isinstance(value, str),
+          "bool": isinstance(value, bool)}[ann]
+    if ok:
+        return None
+    return f"parameter {key!r} of method {method!r} must be {_PARAM_KINDS[ann]}; got {value!r}"
+
+
+# -- outputs -------------------------------------------------------------------------------------
+def _report_files() -> tuple[str, ...]:
+    from kmerge.report import FIGURES
+
+    return ("report.md", "report.json", *FIGURES)
+
+
+@dataclass(frozen=True)
+class SaveTarget:
+    """Where one save step writes, after ``-o`` and the default suffix are applied."""
+
+    step: int
+    model: str
+    path: Path  # absolute
+    overwrite: bool
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Every file a run writes: one target per save step, and the report folder."""
+
+    saves: tuple[SaveTarget, ...]
+    report: Path | None
+    inputs: tuple[tuple[str, Path], ...]  # (what, absolute path) of every file the run reads
+
+
+def _absolute(p: Path) -> Path:
+    return Path(os.path.abspath(p.expanduser())).resolve()
+
+
+def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
+    out = [(f"models.{n}.path (model {n!r})", _absolute(recipe.path_of(s.path)))
+           for n, s in recipe.models.items()]
+    out += [(f"models.{n}.weights (weights of model {n!r})", _absolute(recipe.path_of(w)))
+            for n, s in recipe.models.items() if (w := getattr(s, "weights", None))]
+    if recipe.data and recipe.data.source.endswith((".npz", ".csv")):
+        out.append(("data.source (the data)", _absolute(recipe.path_of(recipe.data.source))))
+    if recipe.file:
+        out.append(("the recipe itself", _absolute(Path(recipe.file))))
+    return out
+
+
+def _save_target(recipe: Recipe, step: SaveStep, out_dir: Path | None) -> Path:
+    """The file ``kmerge.save`` writes for ``step``: ``-o DIR`` keeps only the file name, and a
+    path without a suffix gets ``.keras``."""
+    p = Path(step.path).expanduser()
+    p = recipe.path_of(step.path) if out_dir is None else Path(out_dir) / p.name
+    if p.suffix == "":
+        p = p.with_name(p.name + ".keras")
+    return _absolute(p.parent) / p.name
+
+
+def _resolve_outputs(recipe: Recipe, path: Path, *, out_dir: Path | None,
+                     report: Path | None) -> Outputs:
+    """Every output path, refusing one that is an input or another output."""
+    from kmerge.io import SAVE_SUFFIXES
+
+    inputs = _inputs(recipe)
+
+    def clash(target: Path) -> str | None:
+        for what, p in inputs:
+            if target == p:
+                return f"is {what}"
+            if p in target.parents:
+                return f"is inside {what}, a directory"
+        return None
+
+    by_path: dict[Path, str] = {}
+    saves = []
+    for i, step in enumerate(recipe.steps):
+        if step.kind != "save":
+            continue
+        where = f"steps[{i}].path"
+        if Path(step.path).suffix.lower() not in ("", *SAVE_SUFFIXES):
+            raise _fail(path, where, f"cannot save {step.path!r}: use a path ending in "
+                        f"{', '.join(SAVE_SUFFIXES)} (.keras is recommended)")
+        target = _save_target(recipe, step, out_dir)
+        via = f" (with -o {out_dir})" if out_dir is not None else ""
+        problem = clash(target)
+        if problem:
+            raise _fail(path, where, f"{step.path!r}{via} writes {target}, which {problem}; a "
+                        "run never overwrites a source or any other input: choose another path")
+        if target in by_path:
+            raise _fail(path, where, f"{step.path!r}{via} writes {target}, which "
+                        f"{by_path[target]} writes too; give each save its own path")
+        by_path[target] = where
+        saves.append(SaveTarget(i, step.model, target, step.overwrite))
+    folder = None
+    if report is not None:
+        folder = _absolute(Path(report))
+        problem = clash(folder)
+        if problem:
+            raise _fail(path, "--report", f"{report} {problem}; choose another folder")
+        for name in _report_files():
+            f = folder / name
+            problem = clash(f)
+            if problem:
+                raise _fail(path, "--report", f"the report would write {f}, which {problem}; "
+                            "choose another folder")
+            if f in by_path:
+                raise _fail(path, "--report", f"the report would write {f}, which "
+                            f"{by_path[f]} writes too; choose another folder")
+        for target, where in by_path.items():
+            if target == folder:
+                raise _fail(path, where, f"writes {target}, the --report folder; choose "
+                            "another path")
+    return Outputs(tuple(saves), folder, tuple(inputs))
+
+
+def _creatable(directory: Path) -> str | None:
+    """Why ``directory`` cannot be created (or written into), or None."""
+    p = directory
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    return None
+
+
+def check_outputs(recipe: Recipe, *, out_dir: str | Path | None = None,
+                  report: str | Path | None = None) -> Outputs:
+    """Every file a run of ``recipe`` would write, checked before any work starts.
+
+    ``out_dir`` is ``kmerge run -o``: saves go there under their file names (it must exist);
+    ``report`` is ``--report``: a folder (created; report files in an existing one replaced).
+    Refused: an output that is an input (a model file, the data, the recipe) or another
+    output; ``report`` without a ``data:`` section; an existing save target without
+    ``overwrite: true``; a directory that cannot be created or written.
+
+    Raises:
+        RecipeError: naming the recipe, the step or argument, the path and what to do.
+    """
+    path = Path(recipe.file or "recipe")
+    if out_dir is not None:
+        d = Path(out_dir)
+        if not d.is_dir():
+            raise _fail(path, "-o", f"{d} is not an existing directory; create it first")
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise _fail(path, "-o", f"{d} is not writable")
+    if report is not None and recipe.data is None:
+        raise _fail(path, "--report", "a report evaluates the models on test data, and this "
+                    "recipe has no data: section; add one, or drop --report")
+    outs = _resolve_outputs(recipe, path, out_dir=Path(out_dir) if out_dir is not None else None,
+                            report=Path(report) if report is not None else None)
+    for t in outs.saves:
+        where = f"steps[{t.step}].path"
+        if t.path.is_dir():
+            raise _fail(path, where, f"{t.path} is a directory; give a file path ending in .keras")
+        if t.path.exists() and not t.overwrite:
+            raise _fail(path, where, f"{t.path} exists; add 'overwrite: true' to the step to "
+                        "replace it, or choose another path")
+        problem = _creatable(t.path.parent)
+        if problem:
+            raise _fail(path, where, f"cannot write {t.path}: {problem}")
+    if outs.report is not None:
+        if outs.report.exists() and not outs.report.is_dir():
+            raise _fail(path, "--report", f"{outs.report} is a file; give a folder")
+        problem = _creatable(outs.report)
+        if problem:
+            raise _fail(path, "--report", f"cannot write {outs.report}: {problem}")
+        blocked = [n for n in _report_files() if (outs.report / n).is_dir()]
+        if blocked:
+            raise _fail(path, "--report", f"{outs.report} holds folders named {blocked}; the "
+                        "report writes files there: choose another folder")
+    return outs
 
 
 def _type_name(annotation: Any) -> str:
     text = re.sub(r"<class '([\w.]+)'>", lambda m: m.group(1).rsplit(".", 1)[-1], str(annotation))
     text = re.sub(r"\b(typing|__main__|kmerge\.recipe)\.", "", text)
+    text = re.sub(r"Annotated\[(\w+), Gt\(gt=([\d.]+)\)\]", r"\1 > \2", text)
     return text.replace("NoneType", "None").replace("|", "\\|")
 
 
@@ -368,12 +678,16 @@ def reference_markdown() -> str:
     lines = ["# Recipe reference", "",
              "Generated from `kmerge/recipe.py` by `python -m kmerge.recipe`; a test checks it "
              "is current. Unknown keys are errors. Relative paths start at the recipe's folder.",
+             "",
+             "Values must have the listed type: only `true` and `false` are booleans (`yes`, "
+             "`off`, `0` are refused), `\"3\"` is not a number, and YAML aliases and anchors "
+             "(`&name`, `*name`, `<<:`) are refused.",
              ""]
 
     def table(model) -> list[str]:
         rows = ["| key | type | default |", "|---|---|---|"]
         for name, f in model.model_fields.items():
-            if name in ("base_dir", "kind"):
+            if name in (*_INTERNAL, "kind"):
                 continue
             ann = _type_name(f.annotation) if name != "steps" else "list of steps (below)"
             default = "required" if f.is_required() else repr(f.default)
