@@ -93,7 +93,7 @@ def load_data(spec: DataSpec, recipe: Recipe) -> Data:
         a = np.asarray(a, dtype="float32")
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
         if bad:
-            first = int(np.argmax(~np.isfinite(a.reshape(len(a), -1)).any(1)))
+            first = int(np.argmax(~np.isfinite(a.reshape(len(a), -1)).all(1)))
             raise RecipeError(f"{where}: {what} holds {bad} NaN or infinite value(s) (first in "
                               f"example {first}); remove or impute them before merging")
         if spec.scale:
