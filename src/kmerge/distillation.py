@@ -18,9 +18,12 @@ import keras
 import numpy as np
 
 from kmerge import _keras
+from kmerge.arguments import integer, model_inputs, number
+from kmerge.arguments import labels as check_targets
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph.rebuild import check_model
 from kmerge.metadata import attach, lineage, meta_of
+from kmerge.training.guard import unchanged_on_failure
 
 __all__ = ["distill", "teacher_logits"]
 
@@ -163,12 +166,10 @@ def distill(
         raise InvalidArgumentError("teacher is an empty list; pass a model or a list of models")
     teachers = [check_model(t, f"teacher {i}") for i, t in enumerate(teachers)]
     student = check_model(student, "student")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise InvalidArgumentError(f"epochs must be a positive integer, got {epochs!r}")
-    if not isinstance(temperature, int | float) or not temperature > 0:
-        raise InvalidArgumentError(f"temperature must be a positive number, got {temperature!r}")
-    if not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
-        raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha!r}")
+    epochs = integer(epochs, "epochs")
+    batch_size = integer(batch_size, "batch_size")
+    temperature = number(temperature, "temperature", low=0, low_open=True)
+    alpha = number(alpha, "alpha", low=0.0, high=1.0)
     s_shape = tuple(student.outputs[0].shape[1:]) if len(student.outputs) == 1 else None
     for t in teachers:
         t_shape = tuple(t.outputs[0].shape[1:]) if len(t.outputs) == 1 else None
@@ -185,7 +186,10 @@ def distill(
             f"distill takes x as a NumPy array, got {type(x).__name__}; the teacher outputs "
             "are computed once over it"
         )
-    x = np.asarray(keras.ops.convert_to_numpy(x))
+    # x checked against every model before any of them runs (see kmerge.arguments)
+    (x,) = model_inputs(student, x, "x")
+    for t in teachers:
+        model_inputs(t, x, f"x (for teacher {t.name!r})")
     classes = int(s_shape[0])
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
@@ -200,6 +204,7 @@ def distill(
             raise InvalidArgumentError(
                 f"x has {len(x)} samples but y has {len(y)}; pass one label per sample"
             )
+        y = check_targets(y, len(x), "y")
         if np.issubdtype(y.dtype, np.integer) and y.reshape(len(y), -1).shape[1] == 1:
             check_labels(student, y.reshape(-1), "sparse")
             labels = "sparse"
@@ -224,15 +229,16 @@ def distill(
                        labels=labels, student_probs=student_probs)
     feed = Feed(xs=[x], y=packed, batch_size=batch_size, shuffle=True, seed=seed,
                  devices=device_count())
-    try:
-        if swap:
-            out_layer.activation = keras.activations.linear
-        trainer.compile(optimizer=fresh_optimizer(optimizer))
-        history = trainer.fit(feed, epochs=epochs, verbose=verbose, shuffle=False,
-                              callbacks=list(callbacks or []))
-    finally:
-        if swap:
-            out_layer.activation = saved
+    with unchanged_on_failure(student, "distill"):
+        try:
+            if swap:
+                out_layer.activation = keras.activations.linear
+            trainer.compile(optimizer=fresh_optimizer(optimizer))
+            history = trainer.fit(feed, epochs=epochs, verbose=verbose, shuffle=False,
+                                  callbacks=list(callbacks or []))
+        finally:
+            if swap:
+                out_layer.activation = saved
     meta = meta_of(student) or {}
     attach(student, {**meta, "source_paths": lineage(student, *teachers), "distill": {
         "teachers": [t.name for t in teachers],

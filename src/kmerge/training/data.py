@@ -16,6 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kmerge.arguments import labels, model_inputs
 from kmerge.errors import InvalidArgumentError
 
 CHUNK = 256  # samples per forward pass of the frozen part
@@ -86,7 +87,7 @@ class Source:
             self._no_y(y, "a keras.utils.PyDataset")
             self.kind, self.dataset = "pydataset", x
         elif is_arraylike(x):
-            xs = [to_numpy(a) for a in as_list(x, model, what)]
+            xs = model_inputs(model, x, what)  # shapes, numbers, finite, non-empty
             if y is None:
                 raise InvalidArgumentError(
                     f"{what} is an array but y is None; pass the targets as y=..., or pass a "
@@ -100,6 +101,8 @@ class Source:
                     f"{sorted(sizes) if len(sizes) > 1 else len(xs[0])} samples, y has "
                     f"{len(ys)}; pass one target per sample"
                 )
+            if not isinstance(y, list | tuple | dict):
+                ys = labels(ys, len(ys), "y")  # numbers, finite
             self.kind, self.arrays = "arrays", (xs, ys, None)
         elif is_tf_dataset(x) or (callable(x) and not isinstance(x, keras.Model)):
             self._no_y(y, "a dataset or generator")
@@ -155,6 +158,10 @@ class Source:
                     f"y {tuple(shapes[1])}. Make every batch the same per-sample shape (pad or "
                     "resize in the pipeline)"
                 )
+            if any(a.dtype.kind == "f" and not np.all(np.isfinite(a)) for a in [*xs, by]):
+                raise InvalidArgumentError(
+                    f"{self.what} batch {k} holds NaN or infinite values; clean the pipeline "
+                    "first: one NaN turns every trained weight into NaN")
             if any(len(a) != len(by) for a in xs):
                 raise InvalidArgumentError(
                     f"{self.what} batch {k} has {len(xs[0])} inputs but {len(by)} targets; "

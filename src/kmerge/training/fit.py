@@ -38,6 +38,7 @@ import numpy as np
 from kmerge.errors import InvalidArgumentError, LayerNotFoundError
 from kmerge.metadata import meta_of
 from kmerge.training.data import CHUNK, Feed, Source, as_list, device_count, pad, to_numpy, unpack
+from kmerge.training.guard import unchanged_on_failure
 from kmerge.training.losses import check_labels, fresh_optimizer, infer_loss
 from kmerge.training.spill import Spool
 from kmerge.training.split import checked_walk, frozen_submodel, split, trainable_submodel
@@ -212,94 +213,96 @@ def fit_head(
     keras.utils.set_random_seed(seed)
     verbose_i = _verbose(verbose)
     devices = device_count()
-    src = Source(x, y, model, batch_size=batch_size)
-    if cache is not None and src.kind != "arrays" and src.looks_random():
-        warnings.warn(
-            "the input pipeline returns different inputs when the same batch is read twice "
-            "(data augmentation?): fit_head caches the frozen features once, so augmentation "
-            "would be frozen at its first draw. Pass cache=None to augment every epoch",
-            StaleCacheWarning, stacklevel=2,
-        )
-    if cache is None and src.kind in ("factory", "once"):
-        return _plain_fit(model, src, x, epochs=epochs, validation_data=validation_data,
-                          callbacks=callbacks, verbose=verbose, optimizer=optimizer, loss=loss,
-                          metrics=metrics)
+    with unchanged_on_failure(model, "fit_head"):
+        src = Source(x, y, model, batch_size=batch_size)
+        if cache is not None and src.kind != "arrays" and src.looks_random():
+            warnings.warn(
+                "the input pipeline returns different inputs when the same batch is read twice "
+                "(data augmentation?): fit_head caches the frozen features once, so augmentation "
+                "would be frozen at its first draw. Pass cache=None to augment every epoch",
+                StaleCacheWarning, stacklevel=2,
+            )
+        if cache is None and src.kind in ("factory", "once"):
+            return _plain_fit(model, src, x, epochs=epochs, validation_data=validation_data,
+                              callbacks=callbacks, verbose=verbose, optimizer=optimizer, loss=loss,
+                              metrics=metrics)
 
-    folder: list[str] = []
+        folder: list[str] = []
 
-    def temp_folder() -> str:
-        if not folder:
-            folder.append(tempfile.mkdtemp(prefix="kmerge-cache-"))
-        return folder[0]
+        def temp_folder() -> str:
+            if not folder:
+                folder.append(tempfile.mkdtemp(prefix="kmerge-cache-"))
+            return folder[0]
 
-    try:
-        t0 = time.perf_counter()
-        if cache is None:
-            s = None
-            train_model = model
-            extractor = None
-        else:
-            s = split(model)
-            extractor = frozen_submodel(model, s)
-            train_model = trainable_submodel(model, s)
-        mode = cache if cache in ("memory", "disk") else "auto"
-        if src.kind == "pydataset" and cache is None:
-            prepared, on_disk = None, False
-        else:
-            prepared, on_disk = _extract(extractor, src, mode=mode, folder=temp_folder,
-                                         devices=devices, verbose=verbose_i, label="train")
-        if prepared is not None:
-            y_check = prepared.y
-        else:
-            y_check = to_numpy(unpack(src.dataset[0], "x")[1])
-        if loss is None:
-            loss, default_metrics = infer_loss(model, y_check)
-            if metrics is None:
-                metrics = default_metrics
-        if prepared is not None:
-            check_labels(model, prepared.y, loss)
-        if prepared is not None:
-            feed = _feed(prepared, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                         devices=devices)
-        else:
-            ds = src.dataset
-
-            def fetch(i: int):
-                bx, by, bw = unpack(ds[i], "x")
-                return ([to_numpy(a) for a in as_list(bx, model)], to_numpy(by),
-                        None if bw is None else to_numpy(bw))
-
-            feed = Feed(fetch=fetch, n_blocks=len(ds), shuffle=shuffle, seed=seed,
-                         devices=devices)
-        val_feed = None
-        if validation_data is not None:
-            vsrc = _validation_source(validation_data, model, batch_size)
-            vprep, _ = _extract(extractor, vsrc, mode=mode, folder=temp_folder, devices=devices,
-                                verbose=0, label="val")
-            val_feed = _feed(vprep, batch_size=batch_size, shuffle=False, seed=seed,
+        try:
+            t0 = time.perf_counter()
+            if cache is None:
+                s = None
+                train_model = model
+                extractor = None
+            else:
+                s = split(model)
+                extractor = frozen_submodel(model, s)
+                train_model = trainable_submodel(model, s)
+            mode = cache if cache in ("memory", "disk") else "auto"
+            if src.kind == "pydataset" and cache is None:
+                prepared, on_disk = None, False
+            else:
+                prepared, on_disk = _extract(extractor, src, mode=mode, folder=temp_folder,
+                                             devices=devices, verbose=verbose_i, label="train")
+            if prepared is not None:
+                y_check = prepared.y
+            else:
+                y_check = to_numpy(unpack(src.dataset[0], "x")[1])
+            if loss is None:
+                loss, default_metrics = infer_loss(model, y_check)
+                if metrics is None:
+                    metrics = default_metrics
+            if prepared is not None:
+                check_labels(model, prepared.y, loss)
+            if prepared is not None:
+                feed = _feed(prepared, batch_size=batch_size, shuffle=shuffle, seed=seed,
                              devices=devices)
-        feature_seconds = time.perf_counter() - t0
-        train_model.compile(optimizer=fresh_optimizer(optimizer), loss=loss,
-                            metrics=list(metrics or []))
-        history = train_model.fit(feed, epochs=epochs, validation_data=val_feed,
-                                  callbacks=list(callbacks or []), verbose=verbose, shuffle=False)
-        if train_model is not model:
-            # Leave the full model ready for evaluate/predict with the loss it trained on.
-            model.compile(optimizer=fresh_optimizer(optimizer), loss=loss,
-                          metrics=list(metrics or []))
-    finally:
-        if folder:
-            shutil.rmtree(folder[0], ignore_errors=True)
-    history.set_model(model)
-    history.kmerge = {
-        "cache": None if cache is None else ("disk" if on_disk else "memory"),
-        "boundary": [] if s is None else [s.walk.shape(i)[1:] for i in s.boundary],
-        "summary": "plain fit" if s is None else s.describe(),
-        "feature_seconds": feature_seconds,
-        "seed": seed,
-        "devices": devices,
-    }
-    return history
+            else:
+                ds = src.dataset
+
+                def fetch(i: int):
+                    bx, by, bw = unpack(ds[i], "x")
+                    return ([to_numpy(a) for a in as_list(bx, model)], to_numpy(by),
+                            None if bw is None else to_numpy(bw))
+
+                feed = Feed(fetch=fetch, n_blocks=len(ds), shuffle=shuffle, seed=seed,
+                             devices=devices)
+            val_feed = None
+            if validation_data is not None:
+                vsrc = _validation_source(validation_data, model, batch_size)
+                vprep, _ = _extract(extractor, vsrc, mode=mode, folder=temp_folder, devices=devices,
+                                    verbose=0, label="val")
+                val_feed = _feed(vprep, batch_size=batch_size, shuffle=False, seed=seed,
+                                 devices=devices)
+            feature_seconds = time.perf_counter() - t0
+            train_model.compile(optimizer=fresh_optimizer(optimizer), loss=loss,
+                                metrics=list(metrics or []))
+            history = train_model.fit(feed, epochs=epochs, validation_data=val_feed,
+                                      callbacks=list(callbacks or []), verbose=verbose,
+                                      shuffle=False)
+            if train_model is not model:
+                # Leave the full model ready for evaluate/predict with the loss it trained on.
+                model.compile(optimizer=fresh_optimizer(optimizer), loss=loss,
+                              metrics=list(metrics or []))
+        finally:
+            if folder:
+                shutil.rmtree(folder[0], ignore_errors=True)
+        history.set_model(model)
+        history.kmerge = {
+            "cache": None if cache is None else ("disk" if on_disk else "memory"),
+            "boundary": [] if s is None else [s.walk.shape(i)[1:] for i in s.boundary],
+            "summary": "plain fit" if s is None else s.describe(),
+            "feature_seconds": feature_seconds,
+            "seed": seed,
+            "devices": devices,
+        }
+        return history
 
 
 def _plain_fit(model, src, x, *, epochs, validation_data, callbacks, verbose, optimizer, loss,

@@ -69,7 +69,7 @@ def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise InvalidArgumentError(f"weights must be finite and non-negative; received "
                                    f"{w.tolist()}")
-    if w.sum() <= 0:
+    if w.max() <= 0:
         raise InvalidArgumentError(f"weights sum to zero ({w.tolist()}); give at least one model "
                                    "a positive weight, e.g. weights=[1, 1] for a plain average")
     w = w / w.max()  # scale first: [1e308, 1e308] would overflow the sum to inf
