@@ -6,9 +6,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from conftest import mlp, weights_of
 
 import kmerge
-from conftest import mlp, weights_of
 from kmerge.errors import InvalidArgumentError, KmergeError
 from kmerge.graph.compiled import predict
 from kmerge.report import write_report
