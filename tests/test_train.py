@@ -228,3 +228,33 @@ def test_sequential_model_with_trainable_head():
     h = kmerge.fit_head(model, x, y, epochs=2, seed=0, verbose=0)
     assert h.kmerge["boundary"] == [(16,)]
     assert same_weights(first, [np.array(w) for w in model.layers[0].get_weights()])
+
+
+def _named(model_name, layer_names, seed):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu", name=layer_names[0])(inp)
+    return keras.Model(inp, keras.layers.Dense(3, activation="softmax", name=layer_names[1])(h),
+                       name=model_name)
+
+
+def test_sources_named_like_kmerge_layers_keep_their_own_layers():
+    """A source named "head" (layers "fuse", "head") must not claim kmerge's head_* layers."""
+    a = _named("head", ("fuse", "head"), 0)
+    b = _named("combine", ("combine", "head"), 1)
+    m = kmerge.fuse({"head": (a, ["fuse"]), "combine": (b, ["combine"])},
+                    head=kmerge.heads.classifier(3))  # verified on build
+    layers = kmerge.info(m)["sources"]
+    assert layers["head"]["layers"] == ["head_fuse"]
+    assert layers["combine"]["layers"] == ["combine_combine"]
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    y = np.arange(32) % 3
+    history = kmerge.fine_tune(m, x, y, unfreeze="top:1", epochs=1, seed=0, verbose=0)
+    assert sorted(history.unfrozen) == ["combine_combine", "head_fuse"]
+    p = kmerge.parallel({"head": a, "combine": b}, head=kmerge.heads.classifier(3))
+    sources = kmerge.info(p)["sources"]
+    assert sources["head"]["layers"] == ["head_fuse", "head_head"]
+    assert sources["combine"]["layers"] == ["combine_combine", "combine_head"]
+    assert {layer.name for layer in p.layers} - {"input"} - set(
+        sources["head"]["layers"]) - set(sources["combine"]["layers"]) == {
+        "combine_concat", "head_output"}  # kmerge's own layers, claimed by no source

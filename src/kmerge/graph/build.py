@@ -285,6 +285,10 @@ class GraphBuilder:
                     "taps": [[ref, tensor_ref(w, t)] for ref, t in self.taps[n]],
                     "frozen": n in self.frozen,
                     "path": own_path(self.sources[n]),
+                    # by identity, not name prefix: a source named "head" must not claim
+                    # kmerge's own head_* layers
+                    "layers": [layer.name for layer in model.layers
+                               if id(layer) in {id(c) for c in r.layers.values()}],
                 }
                 for n, r in self.rebuilt.items()
             },

@@ -331,15 +331,23 @@ def _plain_fit(model, src, x, *, epochs, validation_data, callbacks, verbose, op
 # fine_tune
 # ----------------------------------------------------------------------------------------
 def _source_layers(model: keras.Model) -> dict[str, list[keras.layers.Layer]]:
-    """The merged model's layers per source, in graph order, by their name prefix."""
+    """The merged model's layers per source, in graph order, as the metadata records them."""
     meta = meta_of(model)
     if not meta or not meta.get("sources"):
         raise InvalidArgumentError(
             f"model {model.name!r} was not built by kmerge (no kmerge metadata), so its sources "
             "are unknown; pass unfreeze=[layer names] instead of 'top:N'"
         )
-    names = sorted(meta["sources"], key=len, reverse=True)  # longest prefix wins
     out: dict[str, list] = {n: [] for n in meta["sources"]}
+    recorded = {n: set(e["layers"]) for n, e in meta["sources"].items()
+                if isinstance(e, dict) and isinstance(e.get("layers"), list)}
+    if len(recorded) == len(out):
+        for layer in model.layers:
+            for n, names in recorded.items():
+                if layer.name in names:
+                    out[n].append(layer)
+        return out
+    names = sorted(meta["sources"], key=len, reverse=True)  # kmerge 0.1 files: by prefix
     for layer in model.layers:
         for n in names:
             if layer.name.startswith(n + "_"):
@@ -420,7 +428,7 @@ def fine_tune(
     """Unfreeze the top layers of the frozen sources and train everything trainable, gently.
 
     ``unfreeze="top:N"`` picks the last N weighted layers (BatchNorm excluded) of each frozen
-    source, found by the layer-name prefixes in ``kmerge.info(model)["sources"]``; a list
+    source, as ``kmerge.info(model)["sources"][name]["layers"]`` records them; a list
     names merged-model layers (``"a_dense_1"``). BatchNormalization stays frozen, so it keeps
     running in inference mode with its moving statistics. The model is compiled afresh with
     ``optimizer`` at ``learning_rate`` and trained with :func:`fit_head`, so whatever stays
