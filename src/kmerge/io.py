@@ -1,24 +1,32 @@
 """Load Keras models from every format kmerge accepts, and save them atomically.
 
 :func:`load` reads ``.keras`` archives, ``.h5``/``.hdf5`` files written by Keras 3 or by Keras 2
-(repaired by :mod:`kmerge.legacy`), and TensorFlow SavedModel directories (tensorflow backend only,
-inference only). Every failure is a :class:`~kmerge.errors.ModelLoadError` naming the file, what is
-wrong with it and what to do. :func:`save` writes through a temporary file and ``os.replace`` and
-refuses to overwrite a file any source model was loaded from.
+(repaired by :mod:`kmerge.legacy`), JSON architectures (``model.to_json()``) with a weights file,
+and TensorFlow SavedModel directories (tensorflow backend only, inference only). Every failure is
+a :class:`~kmerge.errors.ModelLoadError` naming the file, what is wrong with it and what to do.
+Loading never writes to the file, reads only regular files, checks archive members' sizes before
+Keras opens them, and keeps ``safe_mode`` in force whatever Keras' process-wide switch says.
+:func:`save` writes through a temporary file and ``os.replace`` and refuses to overwrite a file
+any source model was loaded from.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import secrets
+import shutil
+import stat
+import struct
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kmerge.errors import InvalidModelError, ModelLoadError, SaveError
+from kmerge.errors import InvalidArgumentError, InvalidModelError, ModelLoadError, SaveError
 from kmerge.metadata import attach, lineage, meta_of
 
 __all__ = ["LoadInfo", "load", "load_info", "save", "SAVE_SUFFIXES"]
@@ -28,7 +36,18 @@ _H5_SUFFIXES = (".h5", ".hdf5")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _META_MEMBER = "kmerge.json"
 _META_H5_ATTR = "kmerge_meta"
-_FORMATS = "a .keras file, a .h5/.hdf5 model file, or a TensorFlow SavedModel directory"
+_FORMATS = ("a .keras file, a .h5/.hdf5 model file, a model.to_json() .json file with weights=, "
+            "or a TensorFlow SavedModel directory")
+
+# Limits checked before Keras reads anything (a small file must not cost gigabytes of memory).
+MAX_JSON_BYTES = 64 << 20  # config.json, metadata.json, kmerge.json, a .json, an HDF5 attribute
+MAX_MEMBERS = 10_000  # a .keras holds 3 members plus its assets
+MAX_EXPANSION = 100  # uncompressed / compressed, for a member (or the archive) above...
+EXPANSION_FLOOR = 16 << 20  # ...this many uncompressed bytes (Keras stores members uncompressed)
+MAX_META_DEPTH = 64  # nesting of kmerge's metadata (kmerge writes at most a few levels)
+_JSON_MEMBERS = ("config.json", "metadata.json", _META_MEMBER)
+# Keras before 3.11 wrote a single input/output of a Functional model as a one-element list.
+_LISTED_SINGLE_TENSORS_BEFORE = (3, 11)
 
 
 @dataclass(frozen=True)
@@ -37,11 +56,14 @@ class LoadInfo:
 
     Attributes:
         path: Absolute path of the file or directory.
-        format: ``"keras"``, ``"h5-keras3"``, ``"h5-keras2"`` or ``"savedmodel"``.
+        format: ``"keras"``, ``"h5-keras3"``, ``"h5-keras2"``, ``"json-keras3"``,
+            ``"json-keras2"`` or ``"savedmodel"``.
         keras_version: The Keras version stored in the file, if any.
-        repairs: One human-readable line per change made to load a Keras 2 file.
+        repairs: One human-readable line per change made to load the file (Keras 2 configs,
+            Keras 3.0-3.10 single-tensor lists).
         inference_only: True for SavedModels (wrapped in a ``TFSMLayer``: no layers to tap,
             no training).
+        weights: Absolute path of the weights file, for a JSON architecture (else None).
     """
 
     path: str
@@ -49,6 +71,7 @@ class LoadInfo:
     keras_version: str | None = None
     repairs: tuple[str, ...] = ()
     inference_only: bool = False
+    weights: str | None = None
 
 
 def load_info(model: Any) -> LoadInfo | None:
@@ -62,46 +85,59 @@ def load_info(model: Any) -> LoadInfo | None:
 
 
 def load(path: str | os.PathLike, *, safe_mode: bool = True,
-         custom_objects: dict[str, Any] | None = None) -> Any:
+         custom_objects: dict[str, Any] | None = None,
+         weights: str | os.PathLike | None = None) -> Any:
     """Load a model, uncompiled, from any format kmerge supports.
 
     Args:
-        path: A ``.keras`` file, a ``.h5``/``.hdf5`` file (Keras 3 or Keras 2), or a TensorFlow
-            SavedModel directory (tensorflow backend only).
-        safe_mode: Refuse Lambda layers holding Python bytecode. Pass False only for files you
-            trust.
+        path: A ``.keras`` file, a ``.h5``/``.hdf5`` file (Keras 3 or Keras 2), a ``.json``
+            architecture written by ``model.to_json()`` (Keras 2 or 3; needs ``weights``), or a
+            TensorFlow SavedModel directory (tensorflow backend only).
+        safe_mode: Refuse Lambda layers holding Python bytecode, even after
+            ``keras.config.enable_unsafe_deserialization()``. Pass False only for files you trust.
         custom_objects: Classes and functions for custom layers, by the name stored in the file.
+        weights: For a ``.json`` architecture only: the weights file, as written by Keras 2
+            ``model.save_weights("w.h5")`` or Keras 3 ``model.save_weights("w.weights.h5")``.
 
     Returns:
         A ``keras.Model``; :func:`load_info` tells how it was loaded and what was repaired.
 
     Raises:
-        ModelLoadError: The path is missing, not a model, corrupt, weights only, holds a Lambda
-            layer under ``safe_mode``, or uses an unknown custom class.
+        ModelLoadError: The path is missing, unreadable, not a regular file, not a model,
+            corrupt, too large for its size, weights only, holds a Lambda layer under
+            ``safe_mode``, uses an unknown custom class, or carries corrupt kmerge metadata.
+        InvalidArgumentError: ``path`` or ``weights`` is not a path, or ``weights`` is given
+            for a file that holds its own weights.
 
     >>> model = load("classifier.h5")  # doctest: +SKIP
     >>> load_info(model).format  # doctest: +SKIP
     'h5-keras2'
     """
-    p = Path(path).expanduser().absolute()
-    if not p.exists():
-        hint = f" (the directory {p.parent} does not exist either)" if not p.parent.exists() else ""
-        raise ModelLoadError(f"{p}: no such file or directory{hint}; pass the path of {_FORMATS}")
-    if p.is_dir():
+    p = _as_path(path, "path")
+    st = _stat(p)
+    suffix = p.suffix.lower()
+    if weights is not None and (stat.S_ISDIR(st.st_mode) or suffix != ".json"):
+        raise InvalidArgumentError(
+            f"{p}: weights= is only for a .json architecture (model.to_json()); this file holds "
+            "its own weights: drop the weights argument")
+    if stat.S_ISDIR(st.st_mode):
+        if not os.access(p, os.R_OK | os.X_OK):
+            raise ModelLoadError(f"{p}: permission denied (the directory cannot be read); check "
+                                 "its permissions (ls -ld) or load it as a user who can read it")
         if (p / "saved_model.pb").is_file() or (p / "saved_model.pbtxt").is_file():
             return _load_savedmodel(p)
         raise ModelLoadError(
             f"{p}: is a directory but not a TensorFlow SavedModel (no saved_model.pb inside); "
             f"pass {_FORMATS}")
-    with open(p, "rb") as fh:
-        head = fh.read(8)
-    suffix = p.suffix.lower()
+    head = _read_head(p, st)
+    if suffix == ".json":
+        return _load_json(p, weights, safe_mode=safe_mode, custom_objects=custom_objects)
     if suffix in _H5_SUFFIXES or (suffix != ".keras" and head == _HDF5_MAGIC):
         return _load_h5(p, safe_mode=safe_mode, custom_objects=custom_objects)
     if suffix == ".keras":
         return _load_keras(p, safe_mode=safe_mode, custom_objects=custom_objects)
     if head[:2] == b"PK" and zipfile.is_zipfile(p):
-        with zipfile.ZipFile(p) as zf:
+        with _open_archive(p) as zf:
             names = zf.namelist()
         if "config.json" in names:
             raise ModelLoadError(
@@ -112,6 +148,280 @@ def load(path: str | os.PathLike, *, safe_mode: bool = True,
     raise ModelLoadError(
         f"{p}: is not a Keras model file (suffix '{p.suffix}', not HDF5 or zip content); "
         f"pass {_FORMATS}")
+
+
+# ---- checks made before any file is opened by Keras ---------------------------------------------
+
+def _as_path(path: Any, what: str) -> Path:
+    if isinstance(path, bytes | str | os.PathLike):
+        try:
+            text = os.fsdecode(os.fspath(path))
+        except (TypeError, UnicodeDecodeError) as exc:
+            raise InvalidArgumentError(f"load(): {what} {path!r:.100} is not a usable path "
+                                       f"({exc}); pass {_FORMATS}") from exc
+    else:
+        raise InvalidArgumentError(
+            f"load(): {what} must be a str or os.PathLike, received {type(path).__name__} "
+            f"({path!r:.100}); pass {_FORMATS}")
+    if not text:
+        raise InvalidArgumentError(f"load(): {what} is an empty string; pass {_FORMATS}")
+    if "\x00" in text:
+        raise InvalidArgumentError(f"load(): {what} {text!r:.100} contains a NUL character; "
+                                   "pass a real file path")
+    return Path(text).expanduser().absolute()
+
+
+def _stat(p: Path) -> os.stat_result:
+    try:
+        return os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        hint = ""
+        try:
+            if not p.parent.exists():
+                hint = f" (the directory {p.parent} does not exist either)"
+        except OSError:
+            pass
+        raise ModelLoadError(f"{p}: no such file or directory{hint}; pass the path of "
+                             f"{_FORMATS}") from None
+    except PermissionError:
+        raise ModelLoadError(f"{p}: permission denied (a directory on the path cannot be "
+                             "searched); check the permissions (ls -ld) or load it as a user who "
+                             "can read it") from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ModelLoadError(
+                f"{p}: file name too long for this file system ({len(p.name)} characters in "
+                f"the last component, {len(str(p))} in the path); shorten the path") from None
+        raise ModelLoadError(f"{p}: cannot be read ({exc.strerror or exc}); check the path")\
+            from None
+
+
+_KINDS = [(stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+
+
+def _check_regular(p: Path, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise ModelLoadError(
+        f"{p}: is {kind}, not a regular file; kmerge reads models only from regular files "
+        "(reading it could block forever or never end): save or copy the model to a file")
+
+
+def _read_head(p: Path, st: os.stat_result, *, n: int = 8) -> bytes:
+    """The first bytes of a regular, readable, non-empty file (opened without blocking)."""
+    _check_regular(p, st.st_mode)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except PermissionError:
+        raise ModelLoadError(f"{p}: permission denied (the file cannot be read); check its "
+                             "permissions (ls -l) or load it as a user who can read it") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{p}: cannot be opened ({exc.strerror or exc}); check the path")\
+            from None
+    try:
+        st = os.fstat(fd)  # the file opened, in case the path was replaced after the stat
+        _check_regular(p, st.st_mode)
+        head = os.read(fd, n)
+    except OSError as exc:
+        raise ModelLoadError(f"{p}: cannot be read ({exc.strerror or exc}); copy the file again")\
+            from None
+    finally:
+        os.close(fd)
+    if st.st_size == 0:
+        raise ModelLoadError(f"{p}: is empty (0 bytes); the copy or download that made it "
+                             "failed: copy the file again or re-save the model")
+    return head
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def _zip_entry_count(p: Path) -> int | None:
+    """The member count from the archive's end record, read before ``zipfile`` builds its list
+    (a forged central directory of millions of entries costs gigabytes to list)."""
+    try:
+        with open(p, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - (22 + 65535)))
+            tail = fh.read()
+            at = tail.rfind(b"PK\x05\x06")
+            if at < 0 or len(tail) - at < 22:
+                return None
+            count = struct.unpack("<H", tail[at + 10:at + 12])[0]
+            if count != 0xFFFF:
+                return count
+            loc = tail.rfind(b"PK\x06\x07", 0, at)  # Zip64 end-of-directory locator
+            if loc < 0 or len(tail) - loc < 20:
+                return None
+            offset = struct.unpack("<Q", tail[loc + 8:loc + 16])[0]
+            fh.seek(offset)
+            record = fh.read(56)
+            if record[:4] != b"PK\x06\x06" or len(record) < 40:
+                return None
+            return struct.unpack("<Q", record[32:40])[0]
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+def _check_archive(p: Path, zf: zipfile.ZipFile) -> None:
+    """Refuse archives whose members would cost far more memory than the file's size."""
+    infos = zf.infolist()
+    if len(infos) > MAX_MEMBERS:
+        raise ModelLoadError(f"{p}: the archive holds {len(infos)} members (a .keras model holds "
+                             f"a few; kmerge's limit is {MAX_MEMBERS}); refusing it")
+    total = 0
+    for info in infos:
+        if info.filename in _JSON_MEMBERS and info.file_size > MAX_JSON_BYTES:
+            raise ModelLoadError(
+                f"{p}: the archive member '{info.filename}' declares {_mib(info.file_size)} "
+                f"uncompressed (kmerge's limit for it is {_mib(MAX_JSON_BYTES)}; Keras writes a "
+                "few KB); refusing it: the file is corrupt or crafted")
+        if info.file_size > EXPANSION_FLOOR and \
+                info.file_size > MAX_EXPANSION * max(info.compress_size, 1):
+            raise ModelLoadError(
+                f"{p}: the archive member '{info.filename}' declares {_mib(info.file_size)} "
+                f"uncompressed from {_mib(info.compress_size)} stored (more than "
+                f"{MAX_EXPANSION}x; Keras stores members uncompressed); refusing a likely "
+                "decompression bomb")
+        total += info.file_size
+    on_disk = p.stat().st_size
+    if total > EXPANSION_FLOOR and total > MAX_EXPANSION * max(on_disk, 1):
+        raise ModelLoadError(
+            f"{p}: the archive's {len(infos)} members declare {_mib(total)} uncompressed from a "
+            f"{_mib(on_disk)} file (more than {MAX_EXPANSION}x); refusing a likely decompression "
+            "bomb")
+
+
+def _open_archive(p: Path) -> zipfile.ZipFile:
+    """A checked, open zip archive (see :func:`_check_archive`)."""
+    count = _zip_entry_count(p)
+    if count is not None and count > MAX_MEMBERS:
+        raise ModelLoadError(f"{p}: the archive declares {count} members (a .keras model holds "
+                             f"a few; kmerge's limit is {MAX_MEMBERS}); refusing it")
+    try:
+        zf = zipfile.ZipFile(p)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ModelLoadError(f"{p}: the archive is corrupt ({exc}); copy the file again or "
+                             "re-save the model") from exc
+    try:
+        _check_archive(p, zf)
+    except BaseException:
+        zf.close()
+        raise
+    return zf
+
+
+# ---- JSON the loader reads itself --------------------------------------------------------------
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of decoded JSON, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def _decode_json(raw: Any, p: Path, what: str, fix: str) -> Any:
+    """Decode ``raw`` (str or bytes) or raise a ModelLoadError saying ``what`` is corrupt."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf8")
+        except UnicodeDecodeError:
+            raise ModelLoadError(f"{p}: {what} is corrupt (not UTF-8 text); {fix}") from None
+    if not isinstance(raw, str):
+        raise ModelLoadError(f"{p}: {what} is corrupt (stored as {type(raw).__name__}, not "
+                             f"JSON text); {fix}")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ModelLoadError(f"{p}: {what} is corrupt (JSON nested too deeply to read); "
+                             f"{fix}") from None
+    except ValueError as exc:
+        raise ModelLoadError(f"{p}: {what} is corrupt (not JSON: {exc}); {fix}") from None
+
+
+def _kmerge_meta(raw: Any, p: Path, where: str, strip: str) -> dict:
+    fix = (f"the model itself may be intact: load it with plain Keras and pass that model to "
+           f"kmerge (its kmerge record is lost), or remove the {where} ({strip})")
+    meta = _decode_json(raw, p, f"its kmerge metadata ({where})", fix)
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{p}: its kmerge metadata ({where}) is corrupt (a JSON "
+                             f"{type(meta).__name__}, not an object); {fix}")
+    if _depth(meta) > MAX_META_DEPTH:
+        raise ModelLoadError(f"{p}: its kmerge metadata ({where}) is corrupt (nested more than "
+                             f"{MAX_META_DEPTH} levels; kmerge writes a few); {fix}")
+    paths = meta.get("source_paths")
+    if paths is not None and not (isinstance(paths, list)
+                                  and all(isinstance(s, str) for s in paths)):
+        raise ModelLoadError(f"{p}: its kmerge metadata ({where}) is corrupt (source_paths is "
+                             f"not a list of paths); {fix}")
+    return meta
+
+
+def _keras_metadata(raw: bytes, p: Path) -> str | None:
+    fix = ("the archive is damaged: copy the file again, or load it with plain Keras (which does "
+           "not read metadata.json) and re-save it")
+    meta = _decode_json(raw, p, "the archive member metadata.json", fix)
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{p}: the archive member metadata.json is corrupt (a JSON "
+                             f"{type(meta).__name__}, not an object); {fix}")
+    version = meta.get("keras_version")
+    if version is not None and not isinstance(version, str):
+        raise ModelLoadError(f"{p}: the archive member metadata.json is corrupt (keras_version "
+                             f"is a {type(version).__name__}); {fix}")
+    return version
+
+
+def _version_tuple(version: str | None) -> tuple[int, ...] | None:
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _unwrap_single_tensors(config: Any, version: str) -> list[str]:
+    """Keras 3.0-3.10 wrote a Functional model's single input/output as ``[["x", 0, 0]]``;
+    Keras 3.11+ reads that as a one-element list (a structure warning on every call). Unwrap it
+    at every nesting level, as the writing version meant."""
+    repairs: list[str] = []
+    stack = [config]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, list):
+            stack.extend(obj)
+            continue
+        if not isinstance(obj, dict):
+            continue
+        cfg = obj.get("config")
+        if obj.get("class_name") in ("Functional", "Model") and isinstance(cfg, dict):
+            for key in ("input_layers", "output_layers"):
+                refs = cfg.get(key)
+                if isinstance(refs, list) and len(refs) == 1 and isinstance(refs[0], list) \
+                        and len(refs[0]) == 3 and isinstance(refs[0][0], str):
+                    cfg[key] = refs[0]
+                    repairs.append(f"model '{cfg.get('name')}': single {key.split('_')[0]} "
+                                   f"{refs[0][0]!r} unwrapped from a one-element list (Keras "
+                                   f"{version} wrote single tensors that way)")
+        stack.extend(obj.values())
+    repairs.reverse()
+    return repairs
+
+
+# ---- loaders -----------------------------------------------------------------------------------
+
+def _keras_safe_mode(safe_mode: bool):
+    """Keras' safe-mode switch set to ``safe_mode`` for the duration of a load, then restored.
+
+    ``keras.config.enable_unsafe_deserialization()`` sets a (per-thread) switch that Keras
+    prefers over the ``safe_mode`` argument; inside this scope, ``safe_mode`` wins.
+    """
+    from kmerge import _keras
+
+    return _keras.safe_mode_scope(bool(safe_mode))
 
 
 def _attach(model: Any, info: LoadInfo, meta: dict | None = None) -> Any:
@@ -132,7 +442,7 @@ _UNKNOWN_CLASS = [
 def _wrap(exc: BaseException, p: Path, what: str) -> ModelLoadError:
     """Turn a Keras loading error into a ModelLoadError that says what to do."""
     msg = str(exc)
-    if "safe_mode" in msg and "Lambda" in msg:
+    if ("safe_mode" in msg and "Lambda" in msg) or "deserialization of a Python lambda" in msg:
         return ModelLoadError(
             f"{p}: contains a Lambda layer whose Python code would run on load; kmerge refuses it "
             "with safe_mode=True. Pass safe_mode=False only if you trust the file")
@@ -158,28 +468,66 @@ def _load_keras(p: Path, *, safe_mode: bool, custom_objects: dict | None) -> Any
         raise ModelLoadError(
             f"{p}: is not a valid .keras archive (a .keras file is a zip; this one is truncated "
             "or corrupt); copy the file again or re-save the model")
-    try:
-        with zipfile.ZipFile(p) as zf:
+    repairs: list[str] = []
+    with _open_archive(p) as zf:
+        try:
             names = set(zf.namelist())
             if "config.json" not in names:
                 raise ModelLoadError(
-                    f"{p}: is a zip archive without config.json (holds {sorted(names)[:5]}), not a "
-                    f"Keras model; pass {_FORMATS}")
-            version = None
-            if "metadata.json" in names:
-                version = json.loads(zf.read("metadata.json")).get("keras_version")
-            meta = json.loads(zf.read(_META_MEMBER)) if _META_MEMBER in names else None
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        if isinstance(exc, ModelLoadError):
-            raise
-        raise ModelLoadError(f"{p}: the .keras archive is corrupt ({exc}); copy the file again "
-                             "or re-save the model") from exc
-    try:
-        model = keras.saving.load_model(p, compile=False, safe_mode=safe_mode,
-                                        custom_objects=custom_objects)
-    except Exception as exc:  # Keras raises ValueError, TypeError, zipfile/zlib errors, ...
-        raise _wrap(exc, p, ".keras file") from exc
-    return _attach(model, LoadInfo(str(p), "keras", version), meta)
+                    f"{p}: is a zip archive without config.json (holds {sorted(names)[:5]}), not "
+                    f"a Keras model; pass {_FORMATS}")
+            version = (_keras_metadata(zf.read("metadata.json"), p)
+                       if "metadata.json" in names else None)
+            meta = (_kmerge_meta(zf.read(_META_MEMBER), p, f"archive member {_META_MEMBER}",
+                                 f"zip -d {p.name} {_META_MEMBER}")
+                    if _META_MEMBER in names else None)
+            config = None
+            parsed = _version_tuple(version)
+            if parsed is not None and parsed < _LISTED_SINGLE_TENSORS_BEFORE:
+                config = _decode_json(zf.read("config.json"), p, "the archive member config.json",
+                                      "copy the file again or re-save the model")
+                repairs = _unwrap_single_tensors(config, version)
+            with tempfile.TemporaryDirectory(prefix="kmerge-") as tmp:
+                source = p
+                if repairs:  # Keras reads only files: load a repaired copy of the archive
+                    source = Path(tmp) / "repaired.keras"
+                    _rewrite_archive(zf, source, {"config.json": json.dumps(config).encode()})
+                try:
+                    with _keras_safe_mode(safe_mode):
+                        model = keras.saving.load_model(source, compile=False,
+                                                        safe_mode=safe_mode,
+                                                        custom_objects=custom_objects)
+                except Exception as exc:  # ValueError, TypeError, zipfile/zlib errors, ...
+                    raise _wrap(exc, p, ".keras file") from exc
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(f"{p}: the .keras archive is corrupt ({exc}); copy the file "
+                                 "again or re-save the model") from exc
+    return _attach(model, LoadInfo(str(p), "keras", version, tuple(repairs)), meta)
+
+
+def _rewrite_archive(zf: zipfile.ZipFile, dst: Path, replace: dict[str, bytes]) -> None:
+    """Copy every member of ``zf`` to a new archive at ``dst``, with some members replaced."""
+    with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as out:
+        for info in zf.infolist():
+            if info.filename in replace:
+                out.writestr(info.filename, replace[info.filename])
+                continue
+            with zf.open(info) as src, out.open(info.filename, "w", force_zip64=True) as sink:
+                shutil.copyfileobj(src, sink, 1 << 20)
+
+
+def _h5_attr(f: Any, name: str, p: Path) -> Any:
+    """An HDF5 root attribute, refused when it is larger than any Keras writes."""
+    if name not in f.attrs:
+        return None
+    size = f.attrs.get_id(name).get_storage_size()
+    if size > MAX_JSON_BYTES:
+        raise ModelLoadError(f"{p}: the HDF5 attribute '{name}' holds {_mib(size)} (kmerge's "
+                             f"limit is {_mib(MAX_JSON_BYTES)}); refusing it: the file is "
+                             "corrupt or crafted")
+    return f.attrs[name]
 
 
 def _load_h5(p: Path, *, safe_mode: bool, custom_objects: dict | None) -> Any:
@@ -204,20 +552,29 @@ def _load_h5(p: Path, *, safe_mode: bool, custom_objects: dict | None) -> Any:
                 raise ModelLoadError(
                     f"{p}: is an HDF5 file but not a Keras model (no model_config attribute; "
                     f"top-level entries {list(f)[:5]}); pass {_FORMATS}")
-            version = f.attrs.get("keras_version")
+            _h5_attr(f, "model_config", p)
+            version = _h5_attr(f, "keras_version", p)
             version = version.decode() if isinstance(version, bytes) else version
-            meta_raw = f.attrs.get(_META_H5_ATTR)
-            meta = json.loads(meta_raw) if meta_raw is not None else None
+            version = version if isinstance(version, str) else None
+            meta_raw = _h5_attr(f, _META_H5_ATTR, p)
+            meta = (_kmerge_meta(meta_raw, p, f"HDF5 attribute {_META_H5_ATTR}",
+                                 f"h5py: del h5py.File(path, 'r+').attrs['{_META_H5_ATTR}']")
+                    if meta_raw is not None else None)
             if version is not None and str(version).startswith("3."):
                 fmt, repairs = "h5-keras3", ()
             else:
                 fmt = "h5-keras2"
-                model, repairs = legacy.load_keras2(
-                    f, where=str(p), safe_mode=safe_mode, custom_objects=custom_objects,
-                    on_error=lambda e: _wrap(e, p, "Keras 2 .h5 file"))
+                with _keras_safe_mode(safe_mode):
+                    model, repairs = legacy.load_keras2(
+                        f, where=str(p), safe_mode=safe_mode, custom_objects=custom_objects,
+                        on_error=lambda e: _wrap(e, p, "Keras 2 .h5 file"))
     except ModelLoadError:
         raise
-    except (OSError, KeyError, ValueError) as exc:  # h5py read errors inside a damaged file
+    except RecursionError as exc:
+        raise ModelLoadError(f"{p}: the stored model_config is corrupt (nested too deeply to "
+                             "read); copy the file again or re-save the model") from exc
+    except (OSError, KeyError, ValueError, AttributeError, TypeError) as exc:
+        # h5py read errors inside a damaged file, a non-JSON model_config, ...
         raise ModelLoadError(
             f"{p}: could not read the HDF5 file ({type(exc).__name__}: {exc}); it is corrupt or "
             "truncated: copy the file again or re-save the model") from exc
@@ -225,11 +582,92 @@ def _load_h5(p: Path, *, safe_mode: bool, custom_objects: dict | None) -> Any:
         import keras
 
         try:
-            model = keras.saving.load_model(p, compile=False, safe_mode=safe_mode,
-                                            custom_objects=custom_objects)
+            with _keras_safe_mode(safe_mode):
+                model = keras.saving.load_model(p, compile=False, safe_mode=safe_mode,
+                                                custom_objects=custom_objects)
         except Exception as exc:  # Keras raises ValueError, TypeError, OSError, ...
             raise _wrap(exc, p, "Keras 3 .h5 file") from exc
     return _attach(model, LoadInfo(str(p), fmt, version, tuple(repairs)), meta)
+
+
+def _load_json(p: Path, weights: Any, *, safe_mode: bool, custom_objects: dict | None) -> Any:
+    """A ``model.to_json()`` architecture (Keras 2 or 3) plus the weights file."""
+    import h5py
+    import keras
+
+    from kmerge import legacy
+
+    size = p.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ModelLoadError(f"{p}: is {_mib(size)}, too large for a model architecture "
+                             f"(kmerge's limit is {_mib(MAX_JSON_BYTES)}); pass the JSON "
+                             "written by model.to_json()")
+    fix = "pass the file written by model.to_json()"
+    with open(p, "rb") as fh:
+        config = _decode_json(fh.read(), p, "the JSON architecture", fix)
+    if not isinstance(config, dict) or not isinstance(config.get("class_name"), str) \
+            or "config" not in config:
+        raise ModelLoadError(f"{p}: is JSON but not a Keras model architecture (no class_name "
+                             f"and config at the top); {fix}")
+    if weights is None:
+        raise ModelLoadError(
+            f"{p}: is a model architecture without weights; pass the weights file too: "
+            f"kmerge.load('{p.name}', weights='weights.h5') (written by model.save_weights)")
+    w = _as_path(weights, "weights")
+    w_head = _read_head(w, _stat(w))
+    if w_head != _HDF5_MAGIC:
+        raise ModelLoadError(f"{w}: is not an HDF5 weights file (written by "
+                             "model.save_weights('w.h5') in Keras 2 or "
+                             "model.save_weights('w.weights.h5') in Keras 3); pass that file")
+    version = config.get("keras_version")
+    version = version if isinstance(version, str) else None
+    keras2 = version.startswith(("1.", "2.")) if version else "module" not in config
+    fmt = "json-keras2" if keras2 else "json-keras3"
+    repairs: tuple[str, ...] = ()
+    try:
+        with _keras_safe_mode(safe_mode):
+            if keras2:
+                model, repairs = legacy.build_keras2(
+                    config, where=str(p), safe_mode=safe_mode, custom_objects=custom_objects,
+                    on_error=lambda e: _wrap(e, p, "Keras 2 JSON architecture"))
+            else:
+                objects = {**keras.saving.get_custom_objects(), **(custom_objects or {})}
+                model = keras.saving.deserialize_keras_object(
+                    config, custom_objects=objects, safe_mode=safe_mode)
+    except ModelLoadError:
+        raise
+    except RecursionError as exc:
+        raise ModelLoadError(f"{p}: the JSON architecture is nested too deeply to build; "
+                             f"{fix}") from exc
+    except Exception as exc:  # Keras raises ValueError, TypeError, AttributeError, ...
+        raise _wrap(exc, p, "JSON architecture") from exc
+    if not isinstance(model, keras.Model):
+        raise ModelLoadError(f"{p}: describes a {type(model).__name__}, not a model; "
+                             f"{fix}")
+    try:
+        with h5py.File(w, "r") as f:
+            if legacy.is_keras2_weights_file(f):
+                legacy.load_h5_weights(f, model, where=str(w))
+            elif "model_config" in f.attrs and "model_weights" in f:  # a Keras 2 model file
+                legacy.load_h5_weights(f["model_weights"], model, where=str(w))
+            elif legacy.is_keras3_weights_file(f, w):
+                if not w.name.endswith(".weights.h5"):
+                    raise ModelLoadError(f"{w}: is a Keras 3 weights file, which Keras reads "
+                                         "only under a name ending in .weights.h5; copy or "
+                                         f"rename it to {w.name.split('.')[0]}.weights.h5")
+                model.load_weights(w)
+            else:
+                raise ModelLoadError(f"{w}: is an HDF5 file but holds no Keras weights "
+                                     f"(top-level entries {list(f)[:5]}); pass the file written "
+                                     "by model.save_weights")
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # h5py errors, Keras' ValueError on a mismatch, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+        raise ModelLoadError(f"{w}: these weights do not fit the architecture in {p.name} "
+                             f"({type(exc).__name__}: {first}); pass the weights saved from "
+                             "that model") from exc
+    return _attach(model, LoadInfo(str(p), fmt, version, tuple(repairs), weights=str(w)))
 
 
 def _load_savedmodel(p: Path) -> Any:

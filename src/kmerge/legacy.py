@@ -2,10 +2,12 @@
 
 Keras 3 reads the legacy ``.h5`` layout but not every Keras 2 config in it: recurrent layers carry
 ``time_major``, ``SeparableConv2D`` carries unused ``kernel_*`` arguments, dtype policies were stored
-as ``Policy`` dicts, nested functional models use Keras 2 node indices, and very old Sequential
-models have no ``InputLayer``. :func:`repair_config` rewrites the stored ``model_config`` JSON so
-Keras 3 accepts it, one human-readable line per change; :func:`load_keras2` builds the model from
-the repaired config and copies every weight from the file by layer name, checking each shape.
+as ``Policy`` dicts, nested functional models use Keras 2 node indices, very old Sequential
+models have no ``InputLayer`` (or are a bare list of layers), a GRU without ``reset_after`` meant
+``False``, and ``hard_sigmoid`` was another function. :func:`repair_config` rewrites the stored
+``model_config`` JSON (or a ``model.to_json()`` file) so Keras 3 accepts it and computes what Keras 2
+computed, one human-readable line per change; :func:`load_keras2` builds the model from the
+repaired config and copies every weight from the file by layer name, checking each shape.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import numpy as np
 from kmerge.errors import ModelLoadError
 
 __all__ = [
-    "repair_config", "load_keras2", "load_h5_weights", "read_h5_attr_list",
+    "repair_config", "build_keras2", "load_keras2", "load_h5_weights", "read_h5_attr_list",
     "is_keras2_weights_file", "is_keras3_weights_file",
 ]
 
 _MODEL_CLASSES = {"Functional", "Model", "Sequential"}
 _RNN_CLASSES = {"LSTM", "GRU", "SimpleRNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "RNN"}
+# Keras 3 defaults reset_after to True; Keras 2 before 2.1.5 had no such argument (and meant False).
+_GRU_CLASSES = {"GRU", "GRUCell"}
 # Arguments Keras 3 layers take through **kwargs rather than their signature.
 _KWARGS_ACCEPTED: dict[str, set[str]] = {
     "LSTM": {"implementation"},
@@ -113,6 +117,11 @@ def _fix_layer_args(class_name: str, name: str, cfg: dict, repairs: list[str], w
             f"{where}: layer '{name}' ({class_name}) was saved with time_major=True, which "
             "Keras 3 does not support; re-save it in Keras 2 with time_major=False (transpose "
             "the input instead), or export it as a SavedModel")
+    if class_name in _GRU_CLASSES and "reset_after" not in cfg:
+        cfg["reset_after"] = False
+        repairs.append(f"layer '{name}': no reset_after (Keras 2 before 2.1.5: the reset gate "
+                       "applied before the recurrent matmul) -> reset_after=False (the Keras 3 "
+                       "default, True, is another function)")
     if class_name in ("LSTM", "GRU") and cfg.get("implementation", 2) != 2:
         # Keras 3 computes implementation 1 and 2 alike up to rounding, but does not save the
         # argument: a model kept at 1 would change in the last bit after any save and load.
@@ -137,6 +146,34 @@ def _fix_layer_args(class_name: str, name: str, cfg: dict, repairs: list[str], w
                 f"{where}: layer '{name}' ({class_name}) uses the Keras 2 argument "
                 f"{key}={value!r}, which Keras 3 does not accept and kmerge cannot drop without "
                 "changing the model; re-save the model from Keras 2 without it")
+
+
+def _keras2_activation_name(value: Any) -> str | None:
+    """The Keras 2 activation named by a config value (a string, or a serialized function)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and value.get("class_name") == "function" \
+            and isinstance(value.get("config"), str):
+        module = value.get("module")
+        if module is None or module in ("builtins", "keras.activations") \
+                or str(module).startswith(("keras.", "tf_keras.")):
+            return value["config"]
+    return None
+
+
+def _fix_activations(name: str, cfg: dict, repairs: list[str]) -> None:
+    """Replace Keras 2 activations whose Keras 3 namesake computes something else."""
+    import keras
+
+    from kmerge.legacy_activations import REPLACEMENTS
+
+    for key in [k for k in cfg if k == "activation" or k.endswith("_activation")]:
+        act = _keras2_activation_name(cfg[key])
+        if act in REPLACEMENTS:
+            fn, formula = REPLACEMENTS[act]
+            cfg[key] = keras.activations.serialize(fn)
+            repairs.append(f"layer '{name}': {key} '{act}' -> kmerge>{fn.__name__} (Keras 2's "
+                           f"{act} is {formula}; Keras 3's is another function)")
 
 
 def _repair_sequential(cfg: dict, repairs: list[str]) -> None:
@@ -213,19 +250,48 @@ _CHILD_KEYS = {"layers", "cells", "layer", "backward_layer", "cell"}
 
 
 def _children(class_name: str, cfg: dict) -> Iterator[dict]:
-    for key in ("layers", "cells"):
-        for child in cfg.get(key) or []:
-            if isinstance(child, dict) and "class_name" in child:
-                yield child
+    """Every layer config inside ``cfg``: a model's layers, a wrapper's (``Bidirectional``,
+    ``TimeDistributed``) layer and backward layer, an ``RNN``'s cell or cells."""
+    yield from _wrapped(cfg)
+    for child in cfg.get("layers") or []:
+        if isinstance(child, dict) and "class_name" in child:
+            yield child
+
+
+def _wrapped(cfg: dict) -> Iterator[dict]:
+    """The layer configs a wrapper or RNN holds (Keras 3 deserializes them on their own)."""
+    for child in cfg.get("cells") or []:
+        if isinstance(child, dict) and "class_name" in child:
+            yield child
     for key in ("layer", "backward_layer", "cell"):
         child = cfg.get(key)
         if isinstance(child, dict) and "class_name" in child:
             yield child
 
 
+def _fix_wrapped_module(name: str, cfg: dict, repairs: list[str]) -> None:
+    """Keras 3 wrappers deserialize their inner layer by ``module``; Keras 2 (before 2.13) wrote
+    none, which Keras 3 reads as an unregistered custom class."""
+    for child in _wrapped(cfg):
+        cls_name = child["class_name"]
+        if child.get("module") is None and "registered_name" not in child \
+                and _layer_class(cls_name) is not None:
+            child["module"] = "keras.layers"
+            child["registered_name"] = None
+            inner = child.get("config", {}).get("name", cls_name) \
+                if isinstance(child.get("config"), dict) else cls_name
+            repairs.append(f"layer '{name}': inner {cls_name} '{inner}' given module "
+                           "'keras.layers' (Keras 2 wrote none)")
+
+
 def _repair_layer(obj: dict, repairs: list[str], where: str) -> None:
     class_name = obj.get("class_name")
     cfg = obj.get("config")
+    if class_name == "Sequential" and isinstance(cfg, list):
+        # Keras 2.0-2.2.2 stored a Sequential's config as the bare list of its layers.
+        obj["config"] = cfg = {"name": obj.get("name") or "sequential", "layers": cfg}
+        repairs.append(f"model '{cfg['name']}': Keras 2.0-2.2 list-form Sequential config -> "
+                       "{'name', 'layers'}")
     if not isinstance(cfg, dict) or not isinstance(class_name, str):
         return
     name = cfg.get("name", obj.get("name", class_name))
@@ -239,7 +305,9 @@ def _repair_layer(obj: dict, repairs: list[str], where: str) -> None:
     elif class_name == "Functional":
         _repair_functional(cfg, repairs)
     else:
+        _fix_activations(name, cfg, repairs)
         _fix_layer_args(class_name, name, cfg, repairs, where)
+        _fix_wrapped_module(name, cfg, repairs)
     for child in _children(class_name, cfg):
         _repair_layer(child, repairs, where)
 
@@ -311,13 +379,15 @@ def load_h5_weights(group: h5py.Group, model: Any, *, where: str) -> None:
                 f"stores {len(weight_names)} ({weight_names}); the layer config and its weights "
                 "disagree")
         for var, wname in zip(variables, weight_names, strict=True):
-            value = np.asarray(group[lname][wname])
-            if tuple(var.shape) != value.shape:
+            dataset = group[lname][wname]
+            # The shape is checked before the data is read: a damaged file cannot make kmerge
+            # read more than the rebuilt model holds.
+            if tuple(var.shape) != tuple(dataset.shape):
                 raise ModelLoadError(
-                    f"{where}: layer '{lname}' weight '{wname}' has shape {value.shape} in the "
-                    f"file but the rebuilt layer expects {tuple(var.shape)} (variable "
+                    f"{where}: layer '{lname}' weight '{wname}' has shape {tuple(dataset.shape)} "
+                    f"in the file but the rebuilt layer expects {tuple(var.shape)} (variable "
                     f"'{var.path}'); the layer config and its weights disagree")
-            plan.append((var, value))
+            plan.append((var, np.asarray(dataset)))
     missing = [lyr.name for lyr in model.layers if lyr.weights and lyr.name not in seen]
     if missing:
         raise ModelLoadError(f"{where}: the file stores no weights for layer(s) {missing}; "
@@ -334,6 +404,29 @@ def _deserialize(config: dict, *, safe_mode: bool, custom_objects: dict | None) 
     objects = {**keras.saving.get_custom_objects(), **(custom_objects or {})}
     with keras.saving.custom_object_scope(objects), _keras.safe_mode_scope(safe_mode):
         return _keras.legacy_model_from_config(config, custom_objects=objects)
+
+
+def build_keras2(config: dict, *, where: str, safe_mode: bool = True,
+                 custom_objects: dict | None = None,
+                 on_error: Callable[[Exception], ModelLoadError] | None = None
+                 ) -> tuple[Any, tuple[str, ...]]:
+    """Repair a Keras 2 model config (``model_config`` of an ``.h5``, or ``model.to_json()``) and
+    build the model from it, without weights.
+
+    Returns:
+        The model (freshly initialised weights) and the repairs made.
+    """
+    config, repairs = repair_config(config, where=where)
+    try:
+        model = _deserialize(config, safe_mode=safe_mode, custom_objects=custom_objects)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # Keras raises ValueError/TypeError/AttributeError here
+        if on_error is None:
+            raise ModelLoadError(f"{where}: Keras 3 cannot rebuild this Keras 2 model: {exc}") \
+                from exc
+        raise on_error(exc) from exc
+    return model, tuple(repairs)
 
 
 def load_keras2(f: h5py.File, *, where: str, safe_mode: bool = True,
@@ -357,19 +450,15 @@ def load_keras2(f: h5py.File, *, where: str, safe_mode: bool = True,
     """
     raw = f.attrs["model_config"]
     config = json.loads(raw.decode("utf8") if isinstance(raw, bytes) else raw)
-    config, repairs = repair_config(config, where=where)
-    try:
-        model = _deserialize(config, safe_mode=safe_mode, custom_objects=custom_objects)
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # Keras raises ValueError/TypeError/AttributeError here
-        if on_error is None:
-            raise ModelLoadError(f"{where}: Keras 3 cannot rebuild this Keras 2 model: {exc}") \
-                from exc
-        raise on_error(exc) from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{where}: the stored model_config is not a JSON object (it is a "
+                             f"{type(config).__name__}); the file is corrupt: copy it again or "
+                             "re-save the model")
+    model, repairs = build_keras2(config, where=where, safe_mode=safe_mode,
+                                  custom_objects=custom_objects, on_error=on_error)
     group = f["model_weights"] if "model_weights" in f else f
     load_h5_weights(group, model, where=where)
-    return model, tuple(repairs)
+    return model, repairs
 
 
 def is_keras2_weights_file(f: h5py.File) -> bool:
