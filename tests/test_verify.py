@@ -6,7 +6,7 @@ import pytest
 from conftest import cnn, mlp, nested, predict, x_for
 
 import kmerge
-from kmerge.errors import InvalidArgumentError, InvalidModelError, VerificationError
+from kmerge.errors import InvalidArgumentError, InvalidModelError, KmergeError, VerificationError
 
 
 def test_report_lists_every_tensor_exact():
@@ -54,3 +54,17 @@ def test_metadata_survives_save_and_kmerge_load(tmp_path):
     plain = keras.models.load_model(path)
     np.testing.assert_array_equal(predict(plain, x), predict(m, x))
     del b
+
+
+def test_verify_takes_a_list_in_the_builders_order_and_refuses_bad_arguments():
+    a, b = mlp(seed=0), mlp(seed=1)
+    m = kmerge.parallel([a, b], combine="average")
+    assert kmerge.verify(m, [a, b]).ok
+    for kwargs, match in [({"sources": [a]}, "list of 1 models but this merge has 2"),
+                          ({"sources": 3}, "received int"),
+                          ({"sources": [a, b], "atol": "x"}, "atol must be a number"),
+                          ({"sources": [a, b], "atol": float("nan")}, "atol"),
+                          ({"sources": [a, b], "seed": -1}, "seed must be an integer"),
+                          ({"sources": [a, "x"]}, "x")]:
+        with pytest.raises(KmergeError, match=match):
+            kmerge.verify(m, **kwargs)

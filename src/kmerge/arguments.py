@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,16 @@ import numpy as np
 
 from kmerge.errors import InvalidArgumentError
 
-__all__ = ["model_inputs", "labels", "number", "integer", "outputs"]
+__all__ = ["model_inputs", "labels", "number", "integer", "outputs", "load_if_path"]
+
+
+def load_if_path(m: Any) -> Any:
+    """``m`` itself, or the model at path ``m`` (:func:`kmerge.load`)."""
+    if isinstance(m, str | os.PathLike):
+        from kmerge.io import load
+
+        return load(m)
+    return m
 
 
 def _shape(dims) -> str:

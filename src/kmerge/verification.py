@@ -13,16 +13,17 @@ A check must check something: comparing no tensor, an empty batch, or non-finite
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
 
+from kmerge.arguments import integer, load_if_path, number
 from kmerge.errors import InvalidArgumentError, InvalidModelError, VerificationError
 from kmerge.graph.compiled import Job, run_all
-from kmerge.graph.rebuild import input_specs
+from kmerge.graph.rebuild import check_model, input_specs
 from kmerge.graph.replay import (
     find_tensor,
     graph_of,
@@ -198,7 +199,20 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise VerificationError(
             f"batch={batch!r}: a check on an empty batch compares nothing; use batch >= 1")
-    sources = dict(sources or {})
+    atol = number(atol, "atol", low=0.0)
+    seed = integer(seed, "seed", low=0)
+    if isinstance(sources, Sequence) and not isinstance(sources, str | bytes):
+        order = list(meta["sources"])  # the builder's order
+        if len(sources) != len(order):
+            raise InvalidArgumentError(
+                f"sources is a list of {len(sources)} models but this merge has "
+                f"{len(order)} sources {order}; pass them in that order, or as {{name: model}}")
+        sources = dict(zip(order, sources))
+    elif sources is not None and not isinstance(sources, Mapping):
+        raise InvalidArgumentError(
+            f"sources must be {{name: model}} or a list of models in the builder's order; "
+            f"received {type(sources).__name__}")
+    sources = {name: check_model(load_if_path(m), name) for name, m in (sources or {}).items()}
     if not sources:
         raise VerificationError(
             "no source given: verify compares the merge with its sources; pass them as "

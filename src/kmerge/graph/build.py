@@ -12,6 +12,7 @@ from typing import Any
 
 import keras
 
+from kmerge.arguments import load_if_path
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph import adapters as _adapters
 from kmerge.graph.rebuild import Rebuilt, check_model, input_specs, rebuild
@@ -52,7 +53,7 @@ def named_models(models: Any, *, minimum: int, what: str) -> dict[str, keras.Mod
             )
         if name in out:
             raise InvalidArgumentError(f"model name {name!r} is used twice; names must be unique")
-        out[name] = check_model(_load_if_path(m), name)
+        out[name] = check_model(load_if_path(m), name)
     return out
 
 
@@ -63,14 +64,6 @@ def _default_name(m: Any) -> str:
     else:
         name = getattr(m, "name", None) or "model"
     return name if _NAME.match(name) else f"m_{name}"
-
-
-def _load_if_path(m: Any) -> Any:
-    if isinstance(m, str | os.PathLike):
-        from kmerge.io import load
-
-        return load(m)
-    return m
 
 
 def frozen_names(freeze: Any, names: Iterable[str]) -> set[str]:
