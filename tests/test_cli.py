@@ -227,3 +227,310 @@ def test_cli_merges_masked_text_models_with_ops_and_multi_output_taps(tmp_path, 
     err = capsys.readouterr().err
     assert "error: layer 'lstm' of model 'a' has 3 outputs; pick one with 'lstm[0]'" in err
     assert "Traceback" not in err and not bad.exists()
+
+
+# -- recipes through main(): nothing written on failure, outputs never over inputs ----------
+def _one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _snapshot(d):
+    return {p.relative_to(d): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(d.rglob("*"))}
+
+
+@pytest.fixture
+def project(files, tmp_path):
+    """A recipe folder: models/a.keras, models/b.h5, models/c.keras, d.npz (8 features)."""
+    (tmp_path / "models").mkdir()
+    for name in ("a.keras", "b.h5", "c.keras"):
+        (tmp_path / "models" / name).write_bytes((files / name).read_bytes())
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(40, 8)).astype("float32"),
+             y=np.arange(40) % 3)
+    return tmp_path
+
+
+RECIPE = """models:
+  a: {path: models/a.keras}
+  b: {path: models/b.h5}
+  c: {path: models/c.keras}
+data: {source: d.npz}
+steps:
+  - {name: avg, kind: parallel, models: [a, b], combine: average}
+  - {kind: save, model: avg, path: out/avg.keras}
+"""
+
+
+def _recipe(d, text):
+    (d / "r.yaml").write_text(text)
+    return str(d / "r.yaml")
+
+
+def test_run_whose_later_step_fails_writes_nothing(project, capsys):
+    # the save succeeds, then sequential c -> a fails: c gives (None, 2), a takes (None, 8)
+    r = _recipe(project, RECIPE + "  - {name: bad, kind: sequential, models: [c, a], "
+                                  "adapter: none}\n")
+    before = _snapshot(project)
+    assert main(["run", r]) == 1
+    err = capsys.readouterr().err
+    assert "gives (None, 2)" in _one_error_line(err)
+    assert _snapshot(project) == before  # no out/, no staged file, inputs byte-identical
+
+
+def test_run_interrupted_writes_nothing(project, capsys, monkeypatch):
+    import kmerge
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kmerge, "verify", interrupt)
+    r = _recipe(project, RECIPE + "  - {kind: verify, model: avg}\n")
+    before = _snapshot(project)
+    assert main(["run", r]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert _snapshot(project) == before
+
+
+def test_failure_while_moving_outputs_into_place_removes_them(project, monkeypatch, capsys):
+    import os
+
+    from kmerge.recipe import load_recipe
+    from kmerge.runner import run
+
+    r = _recipe(project, RECIPE + "  - {kind: save, model: a, path: out/second.keras}\n")
+    real = os.replace
+
+    def flaky(src, dst):
+        if str(dst).endswith("second.keras"):
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    before = _snapshot(project)
+    with pytest.raises(OSError, match="disk full"):
+        run(load_recipe(r), echo=lambda s: None)
+    assert _snapshot(project) == before  # out/avg.keras was moved in, then removed
+
+
+def test_saves_keep_the_state_at_their_step_and_appear_at_the_end(project, capsys):
+    r = _recipe(project, RECIPE.replace("combine: average}", "combine: concat, head: "
+                                        "{kind: classifier, units: 3}}")
+                + "  - {kind: fit_head, model: avg, epochs: 3, batch_size: 8}\n"
+                  "  - {kind: save, model: avg, path: out/trained.keras}\n")
+    assert main(["run", r]) == 0
+    out = capsys.readouterr().out
+    staged, saved = out.index("staged avg for"), out.index("saved avg ->")
+    assert staged < out.index("step 2 (fit_head)") < saved  # written after the last step
+    import kmerge
+
+    before = kmerge.load(project / "out" / "avg.keras")
+    after = kmerge.load(project / "out" / "trained.keras")
+    head = [v for v in after.weights if "head" in v.path]
+    assert head and any(not np.array_equal(np.asarray(v), np.asarray(w))
+                        for v, w in zip(head, [v for v in before.weights if "head" in v.path]))
+    assert not [p for p in (project / "out").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_output_dir_onto_the_models_folder_is_refused(project, capsys, command):
+    # out/c.keras with -o models/ would replace the recipe's own model c
+    r = _recipe(project, RECIPE.replace("out/avg.keras", "out/c.keras"))
+    assert main(["validate", r]) == 0
+    capsys.readouterr()
+    before = _snapshot(project)
+    assert main([command, r, "-o", str(project / "models")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "steps[1].path: 'out/c.keras' (with -o" in line and "is models.c.path" in line, line
+    assert _snapshot(project) == before
+
+
+@pytest.mark.parametrize(("extra", "args", "what"), [
+    ("  - {kind: save, model: a, path: d.npz}\n", [], "cannot save 'd.npz'"),
+    ("  - {kind: save, model: a, path: r.h5}\n", [], None),  # fine: r.yaml is not r.h5
+    ("  - {kind: save, model: a, path: out/avg.keras}\n", [], "which steps[1].path writes too"),
+    ("", ["--report", "{models}/a.keras"], "--report: "),
+    ("", ["--report", "{models}"], None),  # a folder holding models: report files beside them
+])
+def test_outputs_colliding_with_inputs_or_each_other(project, capsys, extra, args, what):
+    r = _recipe(project, RECIPE + extra)
+    argv = [a.format(models=project / "models") for a in args]
+    before = _snapshot(project)
+    if what is None:
+        assert main(["validate", r, *argv]) == 0
+        return
+    for command in ("validate", "run"):
+        assert main([command, r, *argv]) == 1
+        assert what in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(project) == before
+
+
+def test_report_without_data_writes_nothing(project, capsys):
+    r = _recipe(project, RECIPE.replace("data: {source: d.npz}\n", ""))
+    before = _snapshot(project)
+    assert main(["run", r, "--report", str(project / "rep")]) == 1
+    assert "--report: a report evaluates" in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(project) == before
+
+
+def test_existing_output_needs_overwrite(project, capsys):
+    r = _recipe(project, RECIPE)
+    (project / "out").mkdir()
+    (project / "out" / "avg.keras").write_bytes(b"keep me")
+    before = _snapshot(project)
+    assert main(["run", r]) == 1
+    assert "exists; add 'overwrite: true'" in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(project) == before
+    r = _recipe(project, RECIPE.replace("out/avg.keras}", "out/avg.keras, overwrite: true}"))
+    before = _snapshot(project)
+    # the report evaluates every model: c takes 3 features, the data has 8
+    assert main(["run", r, "--report", str(project / "rep")]) == 1
+    assert "expects (None, 3)" in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(project) == before  # the save was staged, then removed
+    r = _recipe(project, RECIPE.replace("out/avg.keras}", "out/avg.keras, overwrite: true}")
+                .replace("  c: {path: models/c.keras}\n", ""))
+    assert main(["run", r, "--report", str(project / "rep")]) == 0
+    assert (project / "out" / "avg.keras").read_bytes()[:2] == b"PK"
+    assert (project / "rep" / "report.json").is_file()
+
+
+def test_safe_mode_off_is_a_warning_naming_the_model(project, capsys):
+    r = _recipe(project, RECIPE.replace("c: {path: models/c.keras}",
+                                        "c: {path: models/c.keras, safe_mode: false}"))
+    assert main(["--quiet", "validate", r]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "models.c: safe_mode is false" in err
+    assert main(["run", r]) == 0
+    assert err.splitlines()[0] in capsys.readouterr().err.splitlines()
+    r = _recipe(project, RECIPE.replace("c: {path: models/c.keras}",
+                                        "c: {path: models/c.keras, safe_mode: 'off'}"))
+    assert main(["run", r]) == 1
+    assert "models.c.safe_mode: must be true or false" in _one_error_line(
+        capsys.readouterr().err)
+    assert main(["inspect", str(project / "models" / "a.keras"), "--unsafe", "--json"]) == 0
+    assert "--unsafe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["validate", "plan", "run"])
+def test_alias_bomb_fails_fast_everywhere(project, capsys, command):
+    import time
+
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{k}: &a{k} [{','.join([f'*a{k - 1}'] * 9)}]" for k in range(1, 9)]
+    bomb = "\n".join("      " + ln for ln in lines)
+    r = _recipe(project, RECIPE.replace("combine: average}\n", "combine: average}\n") +
+                "  - name: soup\n    kind: weights\n    models: [a, b]\n    method: linear\n"
+                f"    params:\n{bomb}\n")
+    before = _snapshot(project)
+    t0 = time.perf_counter()
+    assert main([command, r]) == 1
+    assert time.perf_counter() - t0 < 1.0
+    assert "anchor '&a0' refused" in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(project) == before
+
+
+@pytest.mark.parametrize(("setup", "what"), [
+    (lambda d: (d / "d.csv").write_text("a,b,y\n1,2,0\n3,4\n"), "line 3 has 2 values"),
+    (lambda d: np.savez(d / "d.npz", x=np.ones((9, 8), dtype=object), y=np.arange(9)),
+     "array 'x' holds Python objects"),
+])
+def test_bad_data_files_are_one_line_errors(project, capsys, setup, what):
+    setup(project)
+    source = "d.csv" if (project / "d.csv").exists() else "d.npz"
+    r = _recipe(project, RECIPE.replace("source: d.npz", f"source: {source}"))
+    before = _snapshot(project)
+    assert main(["run", r]) == 1
+    assert what in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(project) == before
+
+
+def test_evaluate_with_wrong_data_shape_keeps_the_model(project, capsys):
+    import kmerge
+    from kmerge.errors import InvalidArgumentError
+    from kmerge.runner import Data, score
+
+    a = kmerge.load(project / "models" / "a.keras")
+    want = [np.array(w) for w in a.get_weights()]
+    bad = Data(*(np.ones((4, 5), "float32"), np.zeros(4, "int32")) * 2)
+    with pytest.raises(InvalidArgumentError, match=r"expects \(None, 8\) but the data has "
+                                                   r"examples of shape \(5,\)"):
+        score(a, bad)
+    assert all(np.array_equal(w, v) for w, v in zip(want, a.get_weights()))
+
+    def no_predict(*args, **kwargs):
+        raise AssertionError("score must not call model.predict")
+
+    a.predict = no_predict
+    good = Data(*(np.ones((4, 8), "float32"), np.zeros(4, "int32")) * 2)
+    assert 0.0 <= score(a, good) <= 1.0
+
+
+# -- argument errors, interrupts, pipes ---------------------------------------------------
+@pytest.mark.parametrize(("args", "what"), [
+    (["parallel", "{a}", "{b}", "-o", "{out}", "--combine", "weighted", "--weights", "a,b"],
+     "--weights 'a,b': use comma-separated numbers"),
+    (["parallel", "{a}", "{b}", "-o", "{out}", "--combine", "weighted", "--weights", "1,nan"],
+     "--weights '1,nan': weights must be finite"),
+    (["weights", "{a}", "{b}", "--method", "dare", "--base", "{a}", "--param", "seed=abc",
+      "-o", "{out}"], "--param 'seed=abc': parameter 'seed' of method 'dare' must be an integer"),
+    (["weights", "{a}", "{b}", "--method", "ties", "--base", "{a}", "--param", "density=x",
+      "-o", "{out}"], "parameter 'density' of method 'ties' must be a number; got 'x'"),
+    (["parallel", "{a}", "{b}", "-o", "{out}", "--head", "classifier:10:64,,3"],
+     "sizes must be integers"),
+    (["parallel", "{a}", "{b}", "-o", "{out}", "--head", "softmax:10"], "--head 'softmax:10'"),
+    (["parallel", "{a}", "{b}", "-o", "{out}", "--head", "classifier:0"], "0"),
+    (["parallel", "{a}", "{b}", "-o", "{out}", "--head", "regressor:1:8,-2"], "-2"),
+])
+def test_bad_arguments_are_one_line_errors(files, tmp_path, capsys, args, what):
+    paths = {"a": files / "a.keras", "b": files / "b.h5", "out": tmp_path / "out.keras"}
+    src_before = _snapshot(files)
+    argv = [a.format(**{k: str(v) for k, v in paths.items()}) for a in args]
+    assert main(argv) == 1
+    assert what in _one_error_line(capsys.readouterr().err)
+    assert not paths["out"].exists() and _snapshot(files) == src_before
+
+
+def test_keyboard_interrupt_is_exit_130(monkeypatch, capsys):
+    import kmerge.cli as cli
+
+    def interrupted(args, echo):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli._COMMANDS, "list", interrupted)
+    assert main(["list", "heads"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "interrupted\n" and captured.out == ""
+
+
+def test_multi_line_errors_print_as_one_line_and_bugs_keep_tracebacks(monkeypatch, capsys):
+    import kmerge.cli as cli
+    from kmerge.errors import VerificationError
+
+    def fails(args, echo):
+        raise VerificationError("kmerge verify: FAILED\n  a: output differs by 0.5\n")
+
+    monkeypatch.setitem(cli._COMMANDS, "list", fails)
+    assert main(["list", "heads"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == "error: kmerge verify: FAILED; a: output differs by 0.5"
+
+    def bug(args, echo):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(cli._COMMANDS, "list", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["list", "heads"])
+
+
+def test_closed_pipe_is_quiet():
+    # the reader is gone before kmerge writes: every write raises BrokenPipeError
+    code = "import sys\nfrom kmerge.cli import main\nsys.exit(main(['schema']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert err == "", err
