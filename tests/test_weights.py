@@ -379,3 +379,22 @@ def test_align_and_repair_are_called_and_recorded():
     assert kmerge.info(m)["align"] == "weights" and kmerge.info(m)["repair"] == "bn"
     assert same_weights(weights_of(b), before)
     assert np.all(np.isfinite(predict(m, x)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "dare", "seed": "abc"}, "dare: seed must be an integer; received 'abc'"),
+    ({"method": "task_arithmetic", "scale": "2"}, "scale must be a number; received '2'"),
+    ({"method": "task_arithmetic", "scale": float("nan")}, "scale must be a number"),
+    ({"method": "ties", "params": {".*kernel": {"density": "x"}}}, r"params\['.\*kernel'\]"),
+    ({"method": "dare", "then": 3}, "then must be a string"),
+    ({"method": "fisher", "samples": 0}, "samples must be an integer >= 1"),
+    ({"method": "linear", "exclude": "nomatch"}, "exclude pattern 'nomatch'"),
+])
+def test_method_parameter_values_are_typed_before_anything_runs(kwargs, match):
+    a, b, base = mlp(seed=0), mlp(seed=1), mlp(seed=2)
+    if kwargs["method"] in ("dare", "ties", "task_arithmetic"):
+        kwargs = {**kwargs, "base": base}
+    if kwargs["method"] == "fisher":
+        kwargs = {**kwargs, "data": np.zeros((4, 8), "float32")}
+    with pytest.raises(InvalidArgumentError, match=match):
+        kmerge.merge_weights([a, b], **kwargs)

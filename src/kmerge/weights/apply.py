@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kmerge.arguments import labels, model_inputs
+from kmerge.arguments import integer, labels, model_inputs
 from kmerge.errors import (
     InvalidArgumentError,
     InvalidModelError,
@@ -270,7 +270,8 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
                                        f"received {overrides!r}")
         check_param_names(method, fn, overrides, f"params[{pat!r}]")
         compiled_params.append((pat, rx, dict(overrides)))
-    excl = compile_patterns(list(exclude or []), "exclude")
+    excl = compile_patterns([exclude] if isinstance(exclude, str) else list(exclude or []),
+                            "exclude")
     n = len(models)
     if method == GREEDY and weights is not None:
         raise InvalidArgumentError("greedy_soup chooses its own ingredients and averages them "
@@ -352,10 +353,10 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         base_arrays = [to_numpy(v) for v in base_model.weights] if base_model is not None else None
         fishers = grams = None
         if method == "fisher":
-            samples = int(method_params.get("samples", 256))
+            samples = integer(method_params.get("samples", 256), "samples")
             fishers = [fisher_diagonals(m, x, samples=samples) for m in loaded]
         if method == "regmean":
-            samples = int(method_params.get("samples", 256))
+            samples = integer(method_params.get("samples", 256), "samples")
             grams = [dense_grams(m, x, samples=samples) for m in loaded]
             meta["regmean_kernels"] = [paths[i] for i in sorted(grams[0])]
         arrays = _merge_arrays(method, fn, sources, paths, mask, weights=norm_w,

@@ -4,6 +4,7 @@ the first difference). Shared by in-memory merges and streamed file merges."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -46,13 +47,33 @@ def resolve_method(method: Any):
 
 
 def check_param_names(method: str, fn, given: Mapping[str, Any], where: str) -> None:
-    valid = list(user_params(fn)) if fn is not None else []
-    for name in given:
-        if name not in valid:
-            listing = ", ".join(valid) if valid else "none"
+    """Every name is a parameter of the method, and every value has its default's type (an
+    integer where the default is an int, a finite number where it is a float, ...)."""
+    defaults = user_params(fn) if fn is not None else {}
+    for name, value in given.items():
+        if name not in defaults:
+            listing = ", ".join(defaults) if defaults else "none"
             raise InvalidArgumentError(
                 f"{where}: unknown parameter {name!r} for method {method!r}; valid parameters: "
                 f"{listing}")
+        _check_type(method, name, value, defaults[name], where)
+
+
+def _check_type(method: str, name: str, value: Any, default: Any, where: str) -> None:
+    from kmerge.arguments import number
+
+    label = f"{where}: {method}: {name}"
+    if default is None or default is inspect.Parameter.empty:
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise InvalidArgumentError(f"{label} must be true or false; received {value!r}")
+    elif isinstance(default, int):
+        number(value, label, integer=True)
+    elif isinstance(default, float):
+        number(value, label)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise InvalidArgumentError(f"{label} must be a string; received {value!r}")
 
 
 def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
