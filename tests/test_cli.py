@@ -534,3 +534,32 @@ def test_closed_pipe_is_quiet():
         err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1
     assert err == "", err
+
+
+def test_json_architecture_with_weights(project, capsys):
+    import kmerge
+
+    a = kmerge.load(project / "models" / "a.keras")
+    (project / "models" / "arch.json").write_text(a.to_json())
+    a.save_weights(project / "models" / "arch.weights.h5")
+    arch = f"{project / 'models' / 'arch.json'}+{project / 'models' / 'arch.weights.h5'}"
+    out = project / "m.keras"
+    assert main(["parallel", arch, str(project / "models" / "b.h5"), "-o", str(out)]) == 0
+    assert out.is_file()
+    assert main(["inspect", arch]) == 0
+    capsys.readouterr()
+    before = _snapshot(project)
+    assert main(["parallel", str(project / "models" / "arch.json"),
+                 str(project / "models" / "b.h5"), "-o", str(project / "n.keras")]) == 1
+    assert "pass " in _one_error_line(capsys.readouterr().err)
+    assert main(["parallel", arch, str(project / "models" / "b.h5"), "-o",
+                 str(project / "models" / "arch.weights.h5"), "--overwrite"]) == 1
+    assert "is one of the source files" in _one_error_line(capsys.readouterr().err)
+    assert _snapshot(project) == before
+    r = _recipe(project, RECIPE.replace("a: {path: models/a.keras}",
+                                        "a: {path: models/arch.json, weights: "
+                                        "models/arch.weights.h5}")
+                + "  - {kind: verify, model: avg}\n")
+    assert main(["run", r]) == 0
+    assert "kmerge verify: OK" in capsys.readouterr().out
+    assert (project / "out" / "avg.keras").is_file()

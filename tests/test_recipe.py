@@ -479,3 +479,30 @@ def test_csv_loads_numbers(tmp_path):
     recipe = _data(tmp_path, "d.csv", ", test_size: 0.2")
     data = load_data(recipe.data, recipe)
     assert data.x_train.shape == (8, 2) and data.y_test.dtype.kind == "i"
+
+
+# -- JSON architecture + weights -----------------------------------------------------------
+@pytest.mark.parametrize(("models", "where", "what"), [
+    ("a: {path: a.json}", "models.a.weights", "is a JSON architecture (model.to_json()); add "
+                                              "weights: PATH"),
+    ("a: {path: a.keras, weights: w.h5}", "models.a.weights", "holds its own weights"),
+    ("a: {path: a.json, weights: missing.h5}", "models.a.weights",
+     "file 'missing.h5' does not exist"),
+])
+def test_json_models_need_a_weights_file(tmp_path, models, where, what):
+    text = f"models:\n  {models}\nsteps:\n  - {{kind: verify, model: a}}\n"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, text, files=("a.json", "a.keras", "w.h5")))
+    assert f"{where}: " in str(err.value) and what in str(err.value), str(err.value)
+
+
+def test_json_weights_are_an_input(tmp_path):
+    text = ("models:\n  a: {path: a.json, weights: w.h5}\n"
+            "steps:\n  - {kind: save, model: a, path: w.h5}\n")
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.path: .* is models.a.weights \(weights "
+                                          r"of model 'a'\)"):
+        load_recipe(_write(tmp_path, text, files=("a.json", "w.h5")))
+    recipe = load_recipe(_write(tmp_path, text.replace("path: w.h5}", "path: out.keras}"),
+                                files=("a.json", "w.h5")))
+    assert recipe.load_args("a") == {"path": tmp_path / "a.json", "safe_mode": True,
+                                     "weights": tmp_path / "w.h5"}

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,11 @@ HEADS = ("classifier", "regressor")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kmerge", description="Merge trained Keras models.")
+    p = argparse.ArgumentParser(
+        prog="kmerge", description="Merge trained Keras models.",
+        epilog="A MODEL is a .keras or .h5 file, a SavedModel directory, or ARCH.json+WEIGHTS "
+               "(a model.to_json() architecture and its save_weights file). Exit codes: 0 ok, "
+               "1 error (one 'error: ...' line), 2 usage, 130 interrupted.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--quiet", "-q", action="store_true", help="print only errors and results")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
 
     ins = sub.add_parser("inspect", help="layers, shapes, parameters, repairs, tap points")
-    ins.add_argument("model", help="a .keras, .h5 file or SavedModel directory")
+    ins.add_argument("model", help="a .keras, .h5 file, SavedModel directory or "
+                                   "ARCH.json+WEIGHTS")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.add_argument("--unsafe", action="store_true",
                      help="load with safe_mode=False (only for files you trust)")
@@ -169,10 +175,38 @@ def _names(paths: Sequence[str]) -> dict[str, str]:
     return out
 
 
+_JSON_ARG = re.compile(r"(?P<arch>.+\.json)\+(?P<weights>.+)", re.IGNORECASE)
+
+
+def model_arg(text: str) -> tuple[str, str | None]:
+    """A model argument: a path, or ``ARCH.json+WEIGHTS`` (a ``model.to_json()`` architecture
+    and its ``save_weights`` file) -> ``(path, weights or None)``."""
+    m = _JSON_ARG.fullmatch(text)
+    if m and not Path(text).exists():
+        return m["arch"], m["weights"]
+    if text.lower().endswith(".json"):
+        raise InvalidArgumentError(
+            f"{text}: a JSON architecture needs its weights file; pass {text}+WEIGHTS.h5 "
+            "(the file written by model.save_weights)")
+    return text, None
+
+
+def _files(texts: Sequence[str]) -> list[str]:
+    """Every file the model arguments name (architectures and weights)."""
+    return [p for t in texts for p in model_arg(t) if p]
+
+
+def _load_one(text: str, *, safe_mode: bool = True):
+    from kmerge.io import load
+
+    path, weights = model_arg(text)
+    return load(path, safe_mode=safe_mode, weights=weights)
+
+
 def _check_output(path: str, overwrite: bool, sources: Sequence[str]) -> None:
     """Fail before any work when the output cannot be written."""
     target = Path(path).expanduser().resolve()
-    if any(target == Path(s).expanduser().resolve() for s in sources):
+    if any(target == Path(s).expanduser().resolve() for s in _files(sources)):
         raise InvalidArgumentError(f"-o {path} is one of the source files; choose another path")
     if target.exists() and not overwrite:
         raise InvalidArgumentError(f"{path} exists; pass --overwrite to replace it")
@@ -181,9 +215,7 @@ def _check_output(path: str, overwrite: bool, sources: Sequence[str]) -> None:
 
 
 def _load_all(paths: dict[str, str]) -> dict:
-    from kmerge.io import load
-
-    return {n: load(p) for n, p in paths.items()}
+    return {n: _load_one(p) for n, p in paths.items()}
 
 
 def _finish(model, args, echo) -> int:
@@ -209,12 +241,11 @@ def _demo(args, echo) -> int:
 
 def _inspect(args, echo) -> int:
     from kmerge.inspect import summarize
-    from kmerge.io import load
 
     if args.unsafe:
         _warn(f"{args.model}: loading with safe_mode off (--unsafe): Lambda layers in it run "
               "their Python code; only for files you trust")
-    summary = summarize(load(args.model, safe_mode=not args.unsafe))
+    summary = summarize(_load_one(args.model, safe_mode=not args.unsafe))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary)
     return 0
 
@@ -270,10 +301,9 @@ def _weights(args, echo) -> int:
 
     params = parse_params(args.param, args.method)
     _check_output(args.output, args.overwrite, [*args.models, *([args.base] if args.base else [])])
-    from kmerge.io import load
 
-    models = [load(p) for p in args.models]
-    base = load(args.base) if args.base else None
+    models = [_load_one(p) for p in args.models]
+    base = _load_one(args.base) if args.base else None
     m = kmerge.merge_weights(models, method=args.method, base=base, align=args.align, **params)
     echo(f"saved {kmerge.save(m, args.output, overwrite=args.overwrite)}")
     return 0
@@ -303,8 +333,7 @@ def _plan(args, echo) -> int:
     recipe = load_recipe(args.recipe)
     for line in unsafe_warnings(recipe):
         _warn(line)
-    models = {n: kmerge.load(recipe.path_of(s.path), safe_mode=s.safe_mode)
-              for n, s in recipe.models.items()}
+    models = {n: kmerge.load(**recipe.load_args(n)) for n in recipe.models}
     for i, step in enumerate(recipe.steps):
         if step.kind in ("sequential", "parallel", "fuse"):
             common = {"freeze": freeze_arg(step.freeze), "dry_run": True, "verify": False,
@@ -341,10 +370,9 @@ def _run(args, echo) -> int:
 
 
 def _verify(args, echo) -> int:
-    from kmerge.io import load
     from kmerge.verification import verify
 
-    merged = load(args.merged)
+    merged = _load_one(args.merged)
     meta = meta_of(merged) or {}
     by_path = {str(Path(v.get("path") or "").resolve()): n
                for n, v in meta.get("sources", {}).items() if v.get("path")}
@@ -353,12 +381,12 @@ def _verify(args, echo) -> int:
         name, sep, path = item.partition("=")
         if not sep:
             path = item
-            name = by_path.get(str(Path(item).resolve()))
+            name = by_path.get(str(Path(model_arg(item)[0]).resolve()))
             if name is None:
                 raise InvalidArgumentError(
                     f"{item} is not recorded as a source of {args.merged}; name it as NAME=PATH "
                     f"(sources: {', '.join(meta.get('sources', {})) or 'none recorded'})")
-        sources[name] = load(path)
+        sources[name] = _load_one(path)
     report = verify(merged, sources)
     if args.json:
         print(json.dumps({"ok": report.ok, "checks": [

@@ -47,10 +47,11 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """A source model file."""
+    """A source model file (``weights``: the weights file of a ``.json`` architecture)."""
 
     path: str
     safe_mode: bool = True
+    weights: str | None = None  # only for a model.to_json() architecture
 
 
 class DataSpec(_Strict):
@@ -215,6 +216,12 @@ class Recipe(_Strict):
     # Set by load_recipe: where relative paths start, and the recipe file itself.
     base_dir: str = "."
     file: str | None = None
+
+    def load_args(self, name: str) -> dict[str, Any]:
+        """Keyword arguments for ``kmerge.load`` of model ``name``."""
+        spec = self.models[name]
+        weights = self.path_of(spec.weights) if spec.weights else None
+        return {"path": self.path_of(spec.path), "safe_mode": spec.safe_mode, "weights": weights}
 
     def path_of(self, relative: str) -> Path:
         p = Path(relative).expanduser()
@@ -385,6 +392,18 @@ def _check_semantics(recipe: Recipe, path: Path, *, check_files: bool) -> None:
         if check_files and not recipe.path_of(spec.path).exists():
             raise _fail(path, f"models.{name}.path", f"file {spec.path!r} does not exist "
                         f"(relative paths start at {recipe.base_dir})")
+        is_json = spec.path.lower().endswith(".json")
+        if is_json and spec.weights is None:
+            raise _fail(path, f"models.{name}.weights", f"{spec.path!r} is a JSON architecture "
+                        "(model.to_json()); add weights: PATH, the file written by "
+                        "model.save_weights()")
+        if spec.weights is not None and not is_json:
+            raise _fail(path, f"models.{name}.weights", f"{spec.path!r} holds its own weights; "
+                        "weights: is only for a .json architecture: drop it")
+        if check_files and spec.weights is not None \
+                and not recipe.path_of(spec.weights).exists():
+            raise _fail(path, f"models.{name}.weights", f"file {spec.weights!r} does not exist "
+                        f"(relative paths start at {recipe.base_dir})")
         known.append(name)
     if recipe.data and recipe.data.source.endswith((".npz", ".csv")) and check_files:
         if not recipe.path_of(recipe.data.source).exists():
@@ -524,7 +543,7 @@ def _inputs(recipe: Recipe) -> list[tuple[str, Path]]:
     out = [(f"models.{n}.path (model {n!r})", _absolute(recipe.path_of(s.path)))
            for n, s in recipe.models.items()]
     out += [(f"models.{n}.weights (weights of model {n!r})", _absolute(recipe.path_of(w)))
-            for n, s in recipe.models.items() if (w := getattr(s, "weights", None))]
+            for n, s in recipe.models.items() if (w := s.weights)]
     if recipe.data and recipe.data.source.endswith((".npz", ".csv")):
         out.append(("data.source (the data)", _absolute(recipe.path_of(recipe.data.source))))
     if recipe.file:

@@ -364,7 +364,7 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
             warn(line)
     models: dict[str, Any] = {}
     for name, spec in recipe.models.items():
-        models[name] = kmerge.load(recipe.path_of(spec.path), safe_mode=spec.safe_mode)
+        models[name] = kmerge.load(**recipe.load_args(name))
         echo(f"loaded {name}: {spec.path}")
     result = RunResult(models=models, sources=list(recipe.models), data=data)
     targets = {t.step: t for t in outputs.saves}
