@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -16,9 +19,11 @@ import keras
 import numpy as np
 import pytest
 
-from kmerge.errors import ModelLoadError
-from kmerge.io import load, load_info
+import kmerge
+from kmerge.errors import InvalidArgumentError, ModelLoadError
+from kmerge.io import load, load_info, save
 from kmerge.legacy import repair_config
+from kmerge.legacy_activations import keras2_hard_sigmoid
 
 DATA = Path(__file__).parent / "data" / "legacy"
 
@@ -39,6 +44,23 @@ EXPECTED = {
     "nested": ["layer 'head': input from nested model 'encoder' re-indexed to Keras 3 node 0"],
     "nested_sequential": ["layer 'head': input from nested model 'block' re-indexed"],
     "nested_old": ["class name Model -> Functional", "nested model 'encoder'"],
+    # Keras 2 hard_sigmoid is clip(0.2x + 0.5, 0, 1), Keras 3's relu6(x + 3) / 6
+    "hard_sigmoid": [f"layer '{name}': {key} 'hard_sigmoid' -> kmerge>keras2_hard_sigmoid"
+                     for name, key in [("lstm", "recurrent_activation"),
+                                       ("gru", "recurrent_activation"),
+                                       ("simple_rnn", "activation"), ("dense", "activation"),
+                                       ("activation", "activation")]],
+    # Keras <= 2.1.4 wrote no reset_after and computed reset_after=False (Keras 3 default: True)
+    "gru_old": ["layer 'gru_1': no reset_after", "layer 'gru_cell': no reset_after"],
+    # Keras 2.0-2.2.2: a Sequential config is a bare list; wrapped layers carry no module
+    "sequential_list_old": [
+        "model 'sequential': Keras 2.0-2.2 list-form Sequential config",
+        "batch_input_shape [None, 6] -> InputLayer 'embedding_input'",
+        "layer 'bidirectional': inner GRU 'gru_2' given module 'keras.layers'",
+        "layer 'bidirectional_1': inner LSTM 'lstm_1' given module 'keras.layers'",
+        "layer 'time_distributed': inner Dense 'dense_3' given module 'keras.layers'",
+        "layer 'gru_2': no reset_after",
+        "layer 'lstm_1': recurrent_activation 'hard_sigmoid' -> kmerge>keras2_hard_sigmoid"],
 }
 
 
@@ -178,3 +200,126 @@ def test_rnn_implementation_1_is_normalized_and_reported(tmp_path):
     y = keras.ops.convert_to_numpy(model(ref["x"], training=False))
     np.testing.assert_allclose(y, ref["y"], atol=1e-5, rtol=0)
     assert model.get_layer("lstm").cell.implementation == 2
+
+
+# ---- Keras 2 semantics Keras 3 changed -------------------------------------------------------------
+
+def test_keras2_hard_sigmoid_is_the_keras2_function():
+    x = np.linspace(-6, 6, 49, dtype="float32")
+    y = keras.ops.convert_to_numpy(keras2_hard_sigmoid(x))
+    np.testing.assert_allclose(y, np.clip(0.2 * x + 0.5, 0.0, 1.0), atol=1e-7, rtol=0)
+    # why the repair exists: Keras 3's hard_sigmoid has slope 1/6, not 0.2
+    k3 = keras.ops.convert_to_numpy(keras.activations.hard_sigmoid(x))
+    assert np.abs(k3 - y).max() > 0.08  # 1/12 at x = +-2.5
+
+
+def test_repaired_keras2_model_saves_merges_and_reloads(tmp_path):
+    """The replacement activation is serializable: kmerge.save -> kmerge.load (no
+    custom_objects) and plain keras.models.load_model, also for a merge of the model."""
+    model = load(DATA / "hard_sigmoid.h5")
+    ref = np.load(DATA / "hard_sigmoid.npz")
+    saved = save(model, tmp_path / "hs.keras")
+    for again in (load(saved), keras.models.load_model(saved, compile=False)):
+        y = keras.ops.convert_to_numpy(again(ref["x"], training=False))
+        np.testing.assert_allclose(y, ref["y"], atol=1e-5, rtol=0)
+    merged = kmerge.parallel({"a": model, "b": load(DATA / "hard_sigmoid.h5")}, combine="average")
+    back = load(save(merged, tmp_path / "merged.keras"))
+    y = keras.ops.convert_to_numpy(back(ref["x"], training=False))
+    np.testing.assert_allclose(y, ref["y"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="kmerge/__init__.py must import kmerge.legacy_activations "
+                                       "when Keras is imported (_register_layers), as it does "
+                                       "for kmerge.graph.layers")
+def test_plain_keras_loads_a_repaired_model_after_import_kmerge(tmp_path):
+    saved = save(load(DATA / "hard_sigmoid.h5"), tmp_path / "hs.keras")
+    code = ("import kmerge, keras, numpy as np, sys; "
+            "m = keras.models.load_model(sys.argv[1], compile=False); "
+            "print(m.get_layer('lstm').cell.recurrent_activation.__name__)")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code, str(saved)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("keras2_hard_sigmoid")
+
+
+def test_gru_with_reset_after_is_left_alone():
+    cfg = {"class_name": "GRU", "config": {"name": "g", "units": 2, "reset_after": True,
+                                           "recurrent_activation": "sigmoid"}}
+    fixed, repairs = repair_config(cfg)
+    assert fixed == cfg and repairs == []
+
+
+def test_keras2_serialized_hard_sigmoid_dict_is_repaired():
+    """tf_keras 2.13+ may serialize an activation as a function dict, not a string."""
+    cfg = {"class_name": "Dense", "config": {"name": "d", "units": 2, "activation": {
+        "module": "keras.activations", "class_name": "function", "config": "hard_sigmoid",
+        "registered_name": "hard_sigmoid"}}}
+    fixed, repairs = repair_config(cfg)
+    layer = keras.layers.Dense.from_config(fixed["config"])
+    assert layer.activation is keras2_hard_sigmoid
+    assert repairs == ["layer 'd': activation 'hard_sigmoid' -> kmerge>keras2_hard_sigmoid "
+                       "(Keras 2's hard_sigmoid is clip(0.2x + 0.5, 0, 1); Keras 3's is another "
+                       "function)"]
+
+
+# ---- Keras 2 JSON architecture + weights ---------------------------------------------------------
+
+def test_keras2_json_with_weights_loads_with_reference_outputs():
+    arch, weights = DATA / "keras2_arch.json", DATA / "keras2_arch_weights.h5"
+    before = (_digest(arch), _digest(weights))
+    model = load(arch, weights=weights)
+    ref = np.load(DATA / "keras2_arch.npz")
+    y = keras.ops.convert_to_numpy(model(ref["x"], training=False))
+    np.testing.assert_allclose(y, ref["y"], atol=1e-5, rtol=0)
+    info = load_info(model)
+    assert info.format == "json-keras2" and info.keras_version.startswith("2.")
+    assert info.path == str(arch) and info.weights == str(weights)
+    assert "layer 'lstm_2': recurrent_activation 'hard_sigmoid' -> kmerge>keras2_hard_sigmoid" \
+        in "\n".join(info.repairs)
+    assert (_digest(arch), _digest(weights)) == before
+
+
+def test_keras2_json_weights_from_a_whole_model_file_with_other_layers_is_refused():
+    with pytest.raises(ModelLoadError, match=r"mlp\.h5: the file holds weights for layer 'dense'.*"
+                                             r"pass the weights saved from the model in "
+                                             r"keras2_arch\.json"):
+        load(DATA / "keras2_arch.json", weights=DATA / "mlp.h5")
+
+
+def test_json_without_weights_says_weights_are_needed():
+    with pytest.raises(ModelLoadError, match=r"keras2_arch\.json: is a model architecture without "
+                                             r"weights; pass the weights file too: "
+                                             r"kmerge\.load\('keras2_arch\.json', weights="):
+        load(DATA / "keras2_arch.json")
+
+
+def test_weights_argument_only_for_json():
+    with pytest.raises(InvalidArgumentError, match=r"mlp\.h5: weights= is only for a \.json"):
+        load(DATA / "mlp.h5", weights=DATA / "keras2_arch_weights.h5")
+
+
+# ---- Keras 3.0-3.10 .keras archives --------------------------------------------------------------
+
+def test_keras38_single_tensor_lists_are_unwrapped(tmp_path):
+    path = DATA / "keras38_nested.keras"
+    before = _digest(path)
+    model = load(path)
+    ref = np.load(DATA / "keras38_nested.npz")
+    # under filterwarnings=error this call also proves the structure warning is gone
+    y = keras.ops.convert_to_numpy(model(ref["x"], training=False))
+    np.testing.assert_allclose(y, ref["y"], atol=1e-6, rtol=0)
+    info = load_info(model)
+    assert info.format == "keras" and info.keras_version == "3.8.0"
+    assert info.repairs == tuple(
+        f"model '{m}': single {k} '{t}' unwrapped from a one-element list (Keras 3.8.0 wrote "
+        "single tensors that way)" for m, k, t in [("outer", "input", "x"),
+                                                   ("outer", "output", "head"),
+                                                   ("encoder", "input", "enc_in"),
+                                                   ("encoder", "output", "enc_out")])
+    assert _digest(path) == before
+    assert isinstance(model.get_layer("encoder").output, keras.KerasTensor)
+    # the repaired model saves and loads as a current .keras, with nothing left to repair
+    again = load(save(model, tmp_path / "now.keras"))
+    assert load_info(again).repairs == ()
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(again(ref["x"])), ref["y"], atol=1e-6)

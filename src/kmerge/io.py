@@ -12,6 +12,7 @@ any source model was loaded from.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import os
@@ -388,11 +389,11 @@ def _unwrap_single_tensors(config: Any, version: str) -> list[str]:
     Keras 3.11+ reads that as a one-element list (a structure warning on every call). Unwrap it
     at every nesting level, as the writing version meant."""
     repairs: list[str] = []
-    stack = [config]
-    while stack:
-        obj = stack.pop()
+    queue = collections.deque([config])  # breadth first: outer models before nested ones
+    while queue:
+        obj = queue.popleft()
         if isinstance(obj, list):
-            stack.extend(obj)
+            queue.extend(obj)
             continue
         if not isinstance(obj, dict):
             continue
@@ -406,8 +407,7 @@ def _unwrap_single_tensors(config: Any, version: str) -> list[str]:
                     repairs.append(f"model '{cfg.get('name')}': single {key.split('_')[0]} "
                                    f"{refs[0][0]!r} unwrapped from a one-element list (Keras "
                                    f"{version} wrote single tensors that way)")
-        stack.extend(obj.values())
-    repairs.reverse()
+        queue.extend(obj.values())
     return repairs
 
 
@@ -646,10 +646,15 @@ def _load_json(p: Path, weights: Any, *, safe_mode: bool, custom_objects: dict |
                              f"{fix}")
     try:
         with h5py.File(w, "r") as f:
-            if legacy.is_keras2_weights_file(f):
-                legacy.load_h5_weights(f, model, where=str(w))
-            elif "model_config" in f.attrs and "model_weights" in f:  # a Keras 2 model file
-                legacy.load_h5_weights(f["model_weights"], model, where=str(w))
+            group = f if legacy.is_keras2_weights_file(f) else (
+                f["model_weights"] if "model_config" in f.attrs and "model_weights" in f
+                else None)  # a Keras 2 save_weights file, or a whole Keras 2 model file
+            if group is not None:
+                try:
+                    legacy.load_h5_weights(group, model, where=str(w))
+                except ModelLoadError as exc:
+                    raise ModelLoadError(f"{exc}; pass the weights saved from the model in "
+                                         f"{p.name}") from exc
             elif legacy.is_keras3_weights_file(f, w):
                 if not w.name.endswith(".weights.h5"):
                     raise ModelLoadError(f"{w}: is a Keras 3 weights file, which Keras reads "
@@ -731,6 +736,60 @@ def save(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Pat
     if not isinstance(model, keras.Model):
         raise InvalidModelError(f"save() needs a keras.Model; received {type(model).__name__}")
     p = Path(path).expanduser()
+    if p.suffix == "":
+        p = p.with_name(p.name + ".keras")
+    if p.suffix.lower() not in SAVE_SUFFIXES:
+        raise SaveError(f"{p}: cannot save with suffix '{p.suffix}'; use one of "
+                        f"{', '.join(SAVE_SUFFIXES)} (.keras is recommended)")
+    parent = p.parent.absolute()
+    if not parent.is_dir():
+        raise SaveError(f"{p}: the output directory {parent} does not exist; create it first "
+                        f"(mkdir -p {parent})")
+    target = parent.resolve() / p.name
+    if target.resolve() in _source_paths(model):
+        raise SaveError(f"{target}: is the file a source model was loaded from (this model "
+                        "derives from it); kmerge never overwrites a source: choose another path")
+    if target.is_dir():
+        raise SaveError(f"{target}: is a directory; pass a file path ending in .keras")
+    if target.exists() and not overwrite:
+        raise SaveError(f"{target}: already exists; pass overwrite=True to replace it, or choose "
+                        "another path")
+    meta = meta_of(model)
+    meta_json = None
+    if meta is not None:
+        try:
+            meta_json = json.dumps(meta, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise SaveError(f"{target}: the model's kmerge metadata is not JSON-serializable "
+                            f"({exc}); nothing was written") from exc
+    suffix = target.suffix
+    tmp = parent.resolve() / f".{target.name}.{secrets.token_hex(4)}.tmp{suffix}"
+    try:
+        if suffix == ".keras":
+            model.save(tmp)
+            if meta_json is not None:
+                with zipfile.ZipFile(tmp, "a") as zf:
+                    zf.writestr(_META_MEMBER, meta_json)
+        else:
+            import h5py
+
+            keras.saving.save_model(model, tmp)
+            if meta_json is not None:
+                with h5py.File(tmp, "r+") as f:
+                    f.attrs[_META_H5_ATTR] = meta_json
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and not isinstance(exc, SaveError):
+            raise SaveError(f"{target}: Keras could not write the model "
+                            f"({type(exc).__name__}: {exc}); nothing was written") from exc
+        raise
+    return target
+
+
+def _save(model: Any, p: Path, *, overwrite: bool) -> Path:
+    import keras
+
     if p.suffix == "":
         p = p.with_name(p.name + ".keras")
     if p.suffix.lower() not in SAVE_SUFFIXES:

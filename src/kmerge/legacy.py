@@ -36,6 +36,8 @@ _GRU_CLASSES = {"GRU", "GRUCell"}
 _KWARGS_ACCEPTED: dict[str, set[str]] = {
     "LSTM": {"implementation"},
     "GRU": {"implementation"},
+    "LSTMCell": {"implementation"},
+    "GRUCell": {"implementation"},
     "LayerNormalization": {"rms_scaling"},
     "LeakyReLU": {"alpha"},
     "InputLayer": {"input_shape", "batch_input_shape"},
@@ -122,7 +124,7 @@ def _fix_layer_args(class_name: str, name: str, cfg: dict, repairs: list[str], w
         repairs.append(f"layer '{name}': no reset_after (Keras 2 before 2.1.5: the reset gate "
                        "applied before the recurrent matmul) -> reset_after=False (the Keras 3 "
                        "default, True, is another function)")
-    if class_name in ("LSTM", "GRU") and cfg.get("implementation", 2) != 2:
+    if class_name in ("LSTM", "GRU", "LSTMCell", "GRUCell") and cfg.get("implementation", 2) != 2:
         # Keras 3 computes implementation 1 and 2 alike up to rounding, but does not save the
         # argument: a model kept at 1 would change in the last bit after any save and load.
         repairs.append(f"layer '{name}': implementation {cfg['implementation']!r} -> 2 (Keras 3 "

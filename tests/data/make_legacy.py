@@ -1,13 +1,21 @@
-"""Write the genuine Keras 2 (tf_keras) ``.h5`` fixtures used by tests/test_legacy.py.
+"""Write the genuine Keras 2 (tf_keras) fixtures used by tests/test_legacy.py and tests/test_io.py.
 
-Run once with the project venv (needs ``tf_keras``; nothing else in the project imports it)::
+tf_keras must not go into the project venv; run this with a separate one::
 
-    .venv/bin/python tests/data/make_legacy.py
+    python3 -m venv /tmp/venv-tfk
+    /tmp/venv-tfk/bin/pip install tensorflow-cpu==2.21.0 h5py numpy
+    /tmp/venv-tfk/bin/pip install tf-keras==2.21.0 --no-deps
+    /tmp/venv-tfk/bin/python tests/data/make_legacy.py            # every fixture (rewrites all)
+    /tmp/venv-tfk/bin/python tests/data/make_legacy.py repairs    # only the named group(s)
 
 Each ``NAME.h5`` gets a ``NAME.npz`` with a reference input ``x`` and the output ``y`` tf_keras
 computed. Files named ``*_old*.h5`` are copies whose stored ``model_config`` JSON was edited to
 reproduce quirks of older Keras 2 releases (2.0-2.3 / TF 2.0-2.12) that tf_keras 2.x no longer
-writes; their weights are untouched, so the reference outputs still hold.
+writes; their weights are untouched, so the reference outputs still hold. ``keras2_arch.json`` +
+``keras2_arch_weights.h5`` are ``model.to_json()`` and ``model.save_weights()`` of one model.
+``keras38_nested.keras`` is a Keras 3 archive (written by the Keras 3 that tensorflow installs)
+whose ``config.json`` was edited the way Keras 3.0-3.10 wrote it: every single input/output of a
+Functional model as a one-element list, ``keras_version`` 3.8.0 in ``metadata.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -72,10 +82,8 @@ def _walk(obj, fn) -> None:
             _walk(v, fn)
 
 
-def main() -> None:
-    OUT.mkdir(exist_ok=True)
-    for p in OUT.glob("*"):
-        p.unlink()
+def original() -> None:
+    """The first fixtures: MLP, CNN, RNN, Embedding, nested models, custom layer, Lambda."""
     rng = np.random.default_rng(0)
     k.utils.set_random_seed(0)
 
@@ -185,9 +193,152 @@ def main() -> None:
     _edit("cnn", "cnn_old", old_functional)
     _edit("nested", "nested_old", old_functional)
 
+
+
+def _strip_modules(obj) -> None:
+    """Keras 2 before 2.13 wrote no ``module``/``registered_name`` in configs."""
+    def fix(d):
+        d.pop("module", None)
+        d.pop("registered_name", None)
+    _walk(obj, fix)
+
+
+def repairs() -> None:
+    """Keras 2 semantics Keras 3 changed: hard_sigmoid, GRU reset_after, list-form Sequential,
+    wrappers whose inner layer has no module."""
+    rng = np.random.default_rng(1)
+    k.utils.set_random_seed(1)
+
+    # hard_sigmoid everywhere an activation is named (recurrent and plain); inputs scaled so
+    # that every branch of clip(0.2x + 0.5, 0, 1) is used.
+    i = k.Input((5, 3))
+    x = L.LSTM(4, recurrent_activation="hard_sigmoid", return_sequences=True)(i)
+    x = L.GRU(3, recurrent_activation="hard_sigmoid", return_sequences=True)(x)
+    x = L.SimpleRNN(3, activation="hard_sigmoid")(x)
+    x = L.Dense(4, activation="hard_sigmoid")(x)
+    x = L.Activation("hard_sigmoid")(L.Dense(3)(x))
+    _save(k.Model(i, x), "hard_sigmoid", 4.0 * rng.normal(size=(3, 5, 3)).astype("float32"))
+
+    # GRU without reset_after (Keras <= 2.1.4 did not write it and computed reset_after=False):
+    # a plain GRU and an RNN(GRUCell); written by tf_keras with reset_after=False, key removed.
+    i = k.Input((4, 3))
+    x = L.GRU(4, reset_after=False, return_sequences=True)(i)
+    x = L.RNN(L.GRUCell(3, reset_after=False))(x)
+    _save(k.Model(i, L.Dense(2)(x)), "gru_src", rng.normal(size=(2, 4, 3)).astype("float32"))
+
+    def no_reset_after(attrs):
+        def fix(d):
+            if d.get("class_name") in ("GRU", "GRUCell"):
+                assert d["config"].pop("reset_after") is False
+        _walk(attrs["model_config"], fix)
+        attrs["keras_version"] = "2.1.4"
+        return attrs
+
+    _edit("gru_src", "gru_old", no_reset_after)
+
+    # Keras 2.0-2.2.2 Sequential: the config is a bare list of layers (no InputLayer, no name);
+    # Bidirectional/TimeDistributed inner layers without module (shakkala's real files).
+    seq = k.Sequential([
+        L.Embedding(12, 4, input_length=6),
+        L.Bidirectional(L.GRU(3, reset_after=False, recurrent_activation="hard_sigmoid",
+                              return_sequences=True)),
+        L.Bidirectional(L.LSTM(2, recurrent_activation="hard_sigmoid", return_sequences=True)),
+        L.TimeDistributed(L.Dense(3, activation="softmax")),
+    ])
+    _save(seq, "seq_src", rng.integers(0, 12, size=(3, 6)).astype("int32"))
+
+    def list_form(attrs):
+        cfg = attrs["model_config"]
+        layers = cfg["config"]["layers"]
+        first = layers.pop(0)
+        assert first["class_name"] == "InputLayer"
+        layers[0]["config"]["batch_input_shape"] = first["config"]["batch_input_shape"]
+        cfg["config"] = layers
+        _strip_modules(cfg)
+
+        def fix(d):
+            if d.get("class_name") == "GRU":
+                d["config"].pop("reset_after")
+        _walk(cfg, fix)
+        attrs["keras_version"] = "2.1.6"
+        return attrs
+
+    _edit("seq_src", "sequential_list_old", list_form)
+    for name in ("gru_src", "seq_src"):
+        (OUT / f"{name}.h5").unlink()
+        (OUT / f"{name}.npz").unlink()
+
+
+def json_architecture() -> None:
+    """model.to_json() + model.save_weights() of a Keras 2 model (repairs needed: InputLayer
+    batch_input_shape, time_major, hard_sigmoid)."""
+    rng = np.random.default_rng(2)
+    k.utils.set_random_seed(2)
+    i = k.Input((4, 3))
+    x = L.LSTM(3, recurrent_activation="hard_sigmoid")(i)
+    x = L.BatchNormalization()(L.Dense(4, activation="relu")(x))
+    model = k.Model(i, L.Dense(2)(x))
+    bn = model.layers[3]
+    bn.set_weights([w + rng.uniform(0.1, 0.5, w.shape).astype("float32") for w in bn.get_weights()])
+    (OUT / "keras2_arch.json").write_text(model.to_json())
+    model.save_weights(OUT / "keras2_arch_weights.h5")
+    x = rng.normal(size=(2, 4, 3)).astype("float32")
+    np.savez(OUT / "keras2_arch.npz", x=x, y=np.asarray(model(x, training=False)))
+
+
+def keras38() -> None:
+    """A Keras 3 .keras archive as Keras 3.0-3.10 wrote it (see the module docstring)."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+
+    rng = np.random.default_rng(3)
+    keras.utils.set_random_seed(3)
+    ii = keras.Input((4,), name="enc_in")
+    h = keras.layers.Dense(5, activation="relu", name="enc_h")(ii)
+    encoder = keras.Model(ii, keras.layers.Dense(3, name="enc_out")(h), name="encoder")
+    i = keras.Input((4,), name="x")
+    model = keras.Model(i, keras.layers.Dense(2, name="head")(encoder(i)), name="outer")
+    src = OUT / "keras38_src.keras"
+    model.save(src)
+    with zipfile.ZipFile(src) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    src.unlink()
+    config = json.loads(members["config.json"])
+
+    def wrap(d):
+        if d.get("class_name") == "Functional":
+            for key in ("input_layers", "output_layers"):
+                assert isinstance(d["config"][key][0], str)  # a single tensor
+                d["config"][key] = [d["config"][key]]
+
+    _walk(config, wrap)
+    members["config.json"] = json.dumps(config).encode()
+    meta = json.loads(members["metadata.json"])
+    members["metadata.json"] = json.dumps({**meta, "keras_version": "3.8.0"}).encode()
+    with zipfile.ZipFile(OUT / "keras38_nested.keras", "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    x = rng.normal(size=(3, 4)).astype("float32")
+    np.savez(OUT / "keras38_nested.npz", x=x, y=np.asarray(model(x, training=False)))
+
+
+GROUPS = {"original": original, "repairs": repairs, "json": json_architecture,
+          "keras38": keras38}
+
+
+def main(names: list[str]) -> None:
+    OUT.mkdir(exist_ok=True)
+    unknown = sorted(set(names) - set(GROUPS))
+    if unknown:
+        sys.exit(f"unknown group(s) {unknown}; choose from {sorted(GROUPS)}")
+    if not names:
+        for p in OUT.glob("*"):
+            p.unlink()
+    for name in names or list(GROUPS):
+        GROUPS[name]()
     for p in sorted(OUT.glob("*")):
         print(f"{p.name:28s} {p.stat().st_size:8d} bytes")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
