@@ -1,12 +1,14 @@
 """parallel / fuse / sequential: inputs, outputs, weights, names, dry runs, bad input."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
 from conftest import cnn, mlp, predict, x_for
 
 import kmerge
-from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
+from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, KmergeError
 
 
 def test_shared_input_when_specs_agree_else_one_per_source():
@@ -119,3 +121,33 @@ def test_fuse_and_gate_merges_save_and_load_identically(tmp_path):
         path = kmerge.save(m, tmp_path / f"{name}.keras")
         np.testing.assert_array_equal(predict(keras.models.load_model(path), x), predict(m, x))
         assert kmerge.verify(kmerge.load(path), {"a": a, "b": b}).ok
+
+
+def _two():
+    return mlp(seed=0), mlp(seed=1)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda a, b: kmerge.heads.classifier(3, dropout="x"), "dropout must be a number"),
+    (lambda a, b: kmerge.heads.classifier(3, hidden="16"), "hidden must be a list"),
+    (lambda a, b: kmerge.parallel([a, b], output="x"), "output must be"),
+    (lambda a, b: kmerge.parallel([a, b], share_inputs="no"), "share_inputs must be True or"),
+    (lambda a, b: kmerge.parallel([a, b], verify="x"), "verify must be True or False"),
+    (lambda a, b: kmerge.sequential([a, b], dry_run=1), "dry_run must be True or False"),
+    (lambda a, b: kmerge.parallel([a, b], name=3), "name must be a non-empty string"),
+    (lambda a, b: kmerge.fuse({"a": (a, [1]), "b": (b, [1])}, name="a/b"), "without '/'"),
+    (lambda a, b: kmerge.align(a, b, method="activations", data=np.zeros((4, 5))),
+     r"has shape \(4, 5\)"),
+    (lambda a, b: kmerge.stitch(a, b, at=(1, 1), x=np.zeros((4, 8), "float32"),
+                                y=np.zeros(4), epochs=0, seed="x"), "seed must be an integer"),
+    (lambda a, b: kmerge.save(a, None), "needs a file path"),
+    (lambda a, b: kmerge.save(a, "/tmp/" + "x" * 300 + ".keras"), "cannot write there"),
+    (lambda a, b: kmerge.save(a, "/tmp/kmerge-test-unused.keras", overwrite="no"),
+     "overwrite must be True or False"),
+], ids=["head-dropout", "head-hidden", "output", "share_inputs", "verify", "dry_run", "name",
+        "name-slash", "align-data", "stitch-seed", "save-none", "save-long", "save-overwrite"])
+def test_bad_argument_values_are_typed_errors(call, match):
+    a, b = _two()
+    with pytest.raises(KmergeError, match=match):
+        call(a, b)
+    assert not os.path.exists("/tmp/kmerge-test-unused.keras")

@@ -19,7 +19,8 @@ import numpy as np
 
 from kmerge.errors import InvalidArgumentError
 
-__all__ = ["model_inputs", "labels", "number", "integer", "outputs", "load_if_path"]
+__all__ = ["model_inputs", "labels", "number", "integer", "flag", "model_name", "outputs",
+           "load_if_path"]
 
 
 def load_if_path(m: Any) -> Any:
@@ -152,6 +153,24 @@ def number(value: Any, name: str, *, low: float | None = None, high: float | Non
         raise InvalidArgumentError(f"{name} must be {kind}{_range(low, high, low_open, high_open)}"
                                    f"; received {value!r}")
     return int(value) if integer else value
+
+
+def flag(value: Any, name: str) -> bool:
+    """A real boolean (``"no"`` or ``0`` for a switch is a mistake, not False)."""
+    if not isinstance(value, bool | np.bool_):
+        raise InvalidArgumentError(f"{name} must be True or False; received {value!r}")
+    return bool(value)
+
+
+def model_name(value: Any, what: str = "name") -> str | None:
+    """None (kmerge picks one) or a non-empty string Keras accepts as a model name."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "/" in value:
+        raise InvalidArgumentError(
+            f"{what} must be a non-empty string without '/' (or None for a default); received "
+            f"{value!r}")
+    return value
 
 
 def integer(value: Any, name: str, *, low: int | None = 1, optional: bool = False) -> Any:

@@ -191,6 +191,7 @@ def distill(
     for t in teachers:
         model_inputs(t, x, f"x (for teacher {t.name!r})")
     classes = int(s_shape[0])
+    seed = integer(seed, "seed", low=0, optional=True)
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
     keras.utils.set_random_seed(seed)

@@ -229,6 +229,7 @@ def stitch(
         raise InvalidArgumentError(f"epochs must be a non-negative integer, got {epochs!r}")
     if len(input_specs(a)) != 1:
         raise IncompatibleModelsError("stitch supports models 'a' with a single input")
+    seed = integer(seed, "seed", low=0, optional=True)
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
     ref_a, ref_b = at

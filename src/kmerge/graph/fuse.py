@@ -8,6 +8,7 @@ from typing import Any
 
 import keras
 
+from kmerge.arguments import flag, model_name
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph.build import (
     GraphBuilder,
@@ -117,6 +118,8 @@ def fuse(
     from kmerge.graph.parallel import check_weights
 
     mode = check_adapter_mode(adapter)
+    name, verify, dry_run = model_name(name), flag(verify, "verify"), flag(dry_run, "dry_run")
+    share_inputs = flag(share_inputs, "share_inputs")
     if pooling not in POOLINGS:
         raise InvalidArgumentError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     models, refs = _split_taps(taps)

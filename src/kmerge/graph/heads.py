@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import keras
 
+from kmerge.arguments import number
 from kmerge.errors import InvalidArgumentError
 
 
@@ -45,11 +46,13 @@ class Head:
 def _check(units: int, hidden: Sequence[int], dropout: float, what: str) -> tuple[int, ...]:
     if isinstance(units, bool) or not isinstance(units, int) or units < 1:
         raise InvalidArgumentError(f"{what} needs a positive integer size, got {units!r}")
+    if isinstance(hidden, str) or not isinstance(hidden, Sequence):
+        raise InvalidArgumentError(f"{what}: hidden must be a list of layer sizes, e.g. [64]; "
+                                   f"got {hidden!r}")
     hidden = tuple(hidden)
     if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
         raise InvalidArgumentError(f"{what}: hidden sizes must be positive integers, got {hidden}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise InvalidArgumentError(f"{what}: dropout must be in [0, 1), got {dropout}")
+    number(dropout, f"{what}: dropout", low=0.0, high=1.0, high_open=True)
     return hidden
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
 import numpy as np
 
+from kmerge.arguments import flag, model_name
 from kmerge.errors import InvalidArgumentError
 from kmerge.graph.build import GraphBuilder, check_adapter_mode, frozen_names, named_models
 from kmerge.graph.combine import combine_ops
@@ -105,9 +106,15 @@ def parallel(
     ...                     head=kmerge.heads.classifier(10, hidden=[64]))
     """
     mode = check_adapter_mode(adapter)
+    name, verify, dry_run = model_name(name), flag(verify, "verify"), flag(dry_run, "dry_run")
+    share_inputs = flag(share_inputs, "share_inputs")
     combine_ops.get(combine)  # unknown names fail before any work
     sources = named_models(models, minimum=2, what="parallel")
     fixed = check_weights(weights, len(sources), op=combine)
+    if output is not None and not isinstance(output, Mapping):
+        raise InvalidArgumentError(
+            f"output must be {{source name: output name or index}}, e.g. {{'a': 0}}; received "
+            f"{output!r}")
     output = dict(output or {})
     unknown = set(output) - set(sources)
     if unknown:

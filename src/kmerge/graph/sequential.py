@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kmerge.arguments import flag, model_name
 from kmerge.errors import IncompatibleModelsError
 from kmerge.graph.build import GraphBuilder, check_adapter_mode, frozen_names, named_models
 from kmerge.graph.rebuild import input_specs
@@ -36,6 +37,7 @@ def sequential(
     >>> m = kmerge.sequential([extractor, classifier], adapter="auto")
     """
     mode = check_adapter_mode(adapter)
+    name, verify, dry_run = model_name(name), flag(verify, "verify"), flag(dry_run, "dry_run")
     sources = named_models(models, minimum=2, what="sequential")
     builder = GraphBuilder("sequential", sources, frozen_names(freeze, sources),
                            name=name, dry_run=dry_run)

@@ -35,6 +35,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kmerge.arguments import integer
 from kmerge.errors import InvalidArgumentError, LayerNotFoundError
 from kmerge.metadata import meta_of
 from kmerge.training.data import CHUNK, Feed, Source, as_list, device_count, pad, to_numpy, unpack
@@ -208,6 +209,7 @@ def fit_head(
             "(kmerge.parallel(..., head=kmerge.heads.classifier(n))), build the merge with "
             "freeze=False, or unfreeze layers with kmerge.fine_tune"
         )
+    seed = integer(seed, "seed", low=0, optional=True)
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
     keras.utils.set_random_seed(seed)
@@ -383,7 +385,10 @@ def choose_layers(model: keras.Model, unfreeze: str | Sequence[str]) -> list[str
                 "source with weighted layers"
             )
         return chosen
-    names = [unfreeze] if isinstance(unfreeze, str) else list(unfreeze)
+    if not isinstance(unfreeze, Sequence) or not all(isinstance(n, str) for n in unfreeze):
+        raise InvalidArgumentError(
+            f"unfreeze must be 'top:N' or a list of layer names; received {unfreeze!r}")
+    names = list(unfreeze)
     existing = [layer.name for layer in model.layers]
     chosen = []
     for n in names:

@@ -29,6 +29,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kmerge.arguments import integer, model_inputs
 from kmerge.errors import InvalidArgumentError, InvalidModelError
 from kmerge.graph.rebuild import check_model, is_graph_model
 from kmerge.metadata import attach, lineage
@@ -166,6 +167,11 @@ def align(
         raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_model(reference, "reference")
     check_model(other, "other")
+    seed = integer(seed, "seed", low=0)
+    if data is not None:  # checked against both models before either runs
+        xs = model_inputs(reference, data, "data")
+        model_inputs(other, xs, "data")
+        data = xs[0] if len(xs) == 1 else xs
     ref_spec = _spec_for(reference, reference.name)
     spec = _spec_for(other, other.name)
     check_same(ref_spec.walk, spec.walk, (reference.name, other.name))
