@@ -480,8 +480,10 @@ def test_evaluate_with_wrong_data_shape_keeps_the_model(project, capsys):
     (["parallel", "{a}", "{b}", "-o", "{out}", "--head", "classifier:10:64,,3"],
      "sizes must be integers"),
     (["parallel", "{a}", "{b}", "-o", "{out}", "--head", "softmax:10"], "--head 'softmax:10'"),
-    (["parallel", "{a}", "{b}", "-o", "{out}", "--head", "classifier:0"], "0"),
-    (["parallel", "{a}", "{b}", "-o", "{out}", "--head", "regressor:1:8,-2"], "-2"),
+    (["parallel", "{a}", "{b}", "-o", "{out}", "--head", "classifier:0"],
+     "--head 'classifier:0': classifier needs a positive integer size, got 0"),
+    (["parallel", "{a}", "{b}", "-o", "{out}", "--head", "regressor:1:8,-2"],
+     "--head 'regressor:1:8,-2': regressor: hidden sizes must be positive"),
 ])
 def test_bad_arguments_are_one_line_errors(files, tmp_path, capsys, args, what):
     paths = {"a": files / "a.keras", "b": files / "b.h5", "out": tmp_path / "out.keras"}
@@ -563,3 +565,15 @@ def test_json_architecture_with_weights(project, capsys):
     assert main(["run", r]) == 0
     assert "kmerge verify: OK" in capsys.readouterr().out
     assert (project / "out" / "avg.keras").is_file()
+
+
+def test_run_api_warns_for_safe_mode_off(project):
+    from kmerge.recipe import load_recipe
+    from kmerge.runner import run
+
+    r = _recipe(project, RECIPE.replace("c: {path: models/c.keras}",
+                                        "c: {path: models/c.keras, safe_mode: false}"))
+    with pytest.warns(UserWarning, match=r"models\.c: safe_mode is false: Lambda layers in "
+                                         r"models/c\.keras run their Python code"):
+        result = run(load_recipe(r), echo=lambda s: None)
+    assert result.saved["avg"] == project / "out" / "avg.keras"

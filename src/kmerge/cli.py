@@ -119,7 +119,10 @@ def parse_head(text: str | None):
         raise InvalidArgumentError(f"--head {text!r}: sizes must be integers") from None
     import kmerge
 
-    return getattr(kmerge.heads, parts[0])(units, hidden=hidden)
+    try:
+        return getattr(kmerge.heads, parts[0])(units, hidden=hidden)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"--head {text!r}: {exc}") from None
 
 
 def _parse_value(v: str):
