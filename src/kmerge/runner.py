@@ -170,10 +170,10 @@ def _numeric(a: np.ndarray, path: Path, what: str) -> np.ndarray:
     if a.dtype.kind not in "biuf":
         raise RecipeError(f"{path}: {what} has dtype {a.dtype}, not numbers; save the "
                           "features as a numeric array (float32)")
-    if a.ndim < 2:
-        raise RecipeError(f"{path}: {what} has shape {list(a.shape)}; give one row per example "
+    if a.ndim == 0:
+        raise RecipeError(f"{path}: {what} is a single number; give one row per example "
                           "(shape [examples, features...])")
-    return a
+    return a.reshape(len(a), 1) if a.ndim == 1 else a  # one feature per example
 
 
 def _label_array(y: np.ndarray, path: Path, what: str) -> np.ndarray:
