@@ -416,14 +416,10 @@ class _Staged:
         import secrets
 
         from kmerge.errors import SaveError
-        from kmerge.io import load_info, save
+        from kmerge.io import save
+        from kmerge.metadata import lineage
 
-        recorded = (meta_of(model) or {}).get("source_paths", [])
-        info = load_info(model)
-        sources = {Path(p).expanduser().resolve() for p in
-                   [*(recorded if isinstance(recorded, list) else []),
-                    *([info.path] if info is not None else [])]}
-        if target in sources:
+        if str(target.resolve()) in lineage(model):  # kmerge.save sees only the hidden name
             raise SaveError(f"{target}: is a file model {model_name!r} derives from; kmerge "
                             "never overwrites a source: choose another path")
         missing = target.parent
