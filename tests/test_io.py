@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import kmerge
-from kmerge.errors import InvalidModelError, ModelLoadError, SaveError
+from kmerge.errors import InvalidArgumentError, InvalidModelError, ModelLoadError, SaveError
 from kmerge.io import LoadInfo, load, load_info, save
 from kmerge.metadata import attach
 
@@ -268,3 +269,239 @@ def test_savedmodel_needs_tensorflow_backend(tmp_path):
     with pytest.raises(ModelLoadError, match=r"sm: is a TensorFlow SavedModel.*"
                                              r"KERAS_BACKEND=tensorflow.*re-export.*\.keras"):
         load(tmp_path / "sm")
+
+
+# ---- loading security --------------------------------------------------------------------------
+
+LEGACY = Path(__file__).parent / "data" / "legacy"
+
+
+@pytest.fixture
+def unsafe_switch_on():
+    """keras.config.enable_unsafe_deserialization() for the test, then the switch as it was."""
+    from kmerge import _keras
+
+    with _keras.safe_mode_scope(None):  # restores Keras' (per-thread) switch on exit
+        keras.config.enable_unsafe_deserialization()
+        yield
+
+
+@pytest.mark.parametrize("kind", ["keras", "h5-keras3", "h5-keras2"])
+def test_safe_mode_wins_over_enable_unsafe_deserialization(tmp_path, unsafe_switch_on, kind):
+    probe = _lambda_model()
+    probe.save(tmp_path / "probe.keras")
+    if kind == "h5-keras2":
+        path = tmp_path / "lambda.h5"
+        path.write_bytes((LEGACY / "lambda.h5").read_bytes())
+    else:
+        path = tmp_path / ("lam.keras" if kind == "keras" else "lam.h5")
+        probe.save(path)
+    before = _digest(path)
+    with pytest.raises(ModelLoadError, match=r"contains a Lambda layer.*safe_mode=False only if"):
+        load(path)
+    assert _digest(path) == before
+    # the process-wide switch is untouched: plain Keras still follows it after kmerge's load
+    plain = keras.saving.load_model(tmp_path / "probe.keras", safe_mode=True)
+    np.testing.assert_allclose(_out(plain, np.ones((1, 3), "float32")), 2.0)
+    # and an explicit safe_mode=False still loads
+    assert load(path, safe_mode=False) is not None
+
+
+def _archive(src: Path, dst: Path, replace: dict[str, bytes] | None = None,
+             extra: dict[str, bytes] | None = None, compression=zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression) as zout:
+        for name in zin.namelist():
+            zout.writestr(name, (replace or {}).get(name, zin.read(name)))
+        for name, data in (extra or {}).items():
+            zout.writestr(name, data)
+    return dst
+
+
+def _refused(path: Path, match: str, **kwargs) -> None:
+    listing, before = _listing(path.parent), _digest(path)
+    with pytest.raises(ModelLoadError, match=match) as err:
+        load(path, **kwargs)
+    assert "\n" not in str(err.value)  # one line
+    assert _listing(path.parent) == listing and _digest(path) == before
+
+
+def test_oversized_config_member_is_refused(tmp_path):
+    good = save(_mlp(), tmp_path / "good.keras")
+    big = b'{"class_name": "Functional"' + b" " * (65 << 20) + b"}"
+    bad = _archive(good, tmp_path / "bad.keras", replace={"config.json": big},
+                   compression=zipfile.ZIP_DEFLATED)
+    assert bad.stat().st_size < 1 << 20
+    _refused(bad, r"bad\.keras: the archive member 'config\.json' declares 65\.0 MiB "
+                  r"uncompressed \(kmerge's limit for it is 64\.0 MiB")
+
+
+@pytest.mark.parametrize("member", ["model.weights.h5", "assets/junk.bin"])
+def test_decompression_bomb_member_is_refused(tmp_path, monkeypatch, member):
+    monkeypatch.setattr(kmerge.io, "EXPANSION_FLOOR", 1 << 20)  # the same check, smaller files
+    good = save(_mlp(), tmp_path / "good.keras")
+    bomb = bytes(20 << 20)
+    kwargs = {"replace": {member: bomb}} if member == "model.weights.h5" else \
+        {"extra": {member: bomb}}
+    bad = _archive(good, tmp_path / "bad.keras", compression=zipfile.ZIP_DEFLATED, **kwargs)
+    _refused(bad, rf"bad\.keras: the archive member '{member}' declares 20\.0 MiB uncompressed "
+                  r"from .* stored \(more than 100x.*decompression bomb")
+
+
+def test_archive_total_expansion_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(kmerge.io, "EXPANSION_FLOOR", 1 << 20)
+    good = save(_mlp(), tmp_path / "good.keras")
+    parts = {f"assets/part{i}": bytes(900 << 10) for i in range(40)}  # each under the floor
+    bad = _archive(good, tmp_path / "bad.keras", extra=parts, compression=zipfile.ZIP_DEFLATED)
+    _refused(bad, r"bad\.keras: the archive's 43 members declare .* MiB uncompressed from a "
+                  r".* file \(more than 100x\)")
+
+
+def test_absurd_member_count_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(kmerge.io, "MAX_MEMBERS", 50)
+    good = save(_mlp(), tmp_path / "good.keras")
+    bad = _archive(good, tmp_path / "bad.keras", extra={f"assets/{i}": b"" for i in range(60)})
+    _refused(bad, r"bad\.keras: the archive declares 63 members .*limit is 50")
+
+
+@pytest.mark.parametrize("name", ["model.keras", "model.h5", "model"])
+def test_fifo_is_refused_without_blocking(tmp_path, name):
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(ModelLoadError, match=rf"{name}: is a FIFO \(named pipe\), not a regular "
+                                             r"file; kmerge reads models only from regular files"):
+        load(tmp_path / name)
+
+
+def test_fifo_weights_file_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "w.h5")
+    with pytest.raises(ModelLoadError, match=r"w\.h5: is a FIFO"):
+        load(LEGACY / "keras2_arch.json", weights=tmp_path / "w.h5")
+
+
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="no /dev/null")
+def test_character_device_is_refused():
+    with pytest.raises(ModelLoadError, match=r"/dev/null: is a character device, not a regular"):
+        load("/dev/null")
+
+
+def _meta_archive(tmp_path: Path, member: str, data: bytes) -> Path:
+    good = save(_mlp(), tmp_path / "good.keras")
+    with zipfile.ZipFile(good) as zf:
+        present = member in zf.namelist()
+    path = _archive(good, tmp_path / "m.keras", **{"replace" if present else "extra":
+                                                   {member: data}})
+    good.unlink()
+    return path
+
+
+CORRUPT_JSON = {
+    "list": (b"[1, 2, 3]", r"a JSON list, not an object"),
+    "deep": (b"[" * 100_000 + b"]" * 100_000, r"JSON nested too deeply to read"),
+    "deep-but-parsable": (b'{"a": ' * 200 + b"1" + b"}" * 200, r"nested more than 64 levels"),
+    "bytes": (b"\xff\xfe\x00garbage", r"not UTF-8 text"),
+    "not-json": (b"{kind: parallel", r"not JSON"),
+    "source_paths": (b'{"source_paths": 5}', r"source_paths is not a list of paths"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_JSON))
+def test_corrupt_kmerge_metadata_in_keras_archive(tmp_path, case):
+    data, reason = CORRUPT_JSON[case]
+    path = _meta_archive(tmp_path, "kmerge.json", data)
+    _refused(path, r"m\.keras: its kmerge metadata \(archive member kmerge\.json\) is corrupt "
+                   rf"\(.*{reason}.*the model itself may be intact.*zip -d m\.keras kmerge\.json")
+
+
+@pytest.mark.parametrize("case", ["list", "deep", "bytes", "int-array"])
+def test_corrupt_kmerge_metadata_in_h5(tmp_path, case):
+    import h5py
+
+    path = save(_mlp(), tmp_path / "m.h5")
+    data = b"[" * 5000 + b"]" * 5000 if case == "deep" else CORRUPT_JSON.get(case, (b"",))[0]
+    with h5py.File(path, "r+") as f:  # (an HDF5 attribute holds at most 64 KB)
+        f.attrs["kmerge_meta"] = np.arange(3) if case == "int-array" else \
+            np.void(data) if case == "bytes" else data.decode()
+    reason = r"stored as .*, not JSON text" if case in ("int-array", "bytes") \
+        else CORRUPT_JSON[case][1]
+    _refused(path, r"m\.h5: its kmerge metadata \(HDF5 attribute kmerge_meta\) is corrupt "
+                   rf"\({reason}.*del h5py\.File")
+
+
+@pytest.mark.parametrize("case", ["list", "deep", "bytes", "version"])
+def test_corrupt_keras_metadata_json(tmp_path, case):
+    data = b'{"keras_version": 3}' if case == "version" else CORRUPT_JSON[case][0]
+    reason = r"keras_version is a int" if case == "version" else CORRUPT_JSON[case][1]
+    path = _meta_archive(tmp_path, "metadata.json", data)
+    _refused(path, rf"m\.keras: the archive member metadata\.json is corrupt \({reason}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file(tmp_path):
+    path = save(_mlp(), tmp_path / "m.keras")
+    path.chmod(0)
+    try:
+        with pytest.raises(ModelLoadError, match=r"m\.keras: permission denied"):
+            load(path)
+    finally:
+        path.chmod(0o644)
+
+
+def test_unreadable_file_message(tmp_path, monkeypatch):
+    """The same path as chmod 000, also when the tests run as root."""
+    path = save(_mlp(), tmp_path / "m.keras")
+    real_open = os.open
+
+    def deny(p, *args, **kwargs):
+        if Path(p) == path:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", deny)
+    with pytest.raises(ModelLoadError, match=r"m\.keras: permission denied \(the file cannot be "
+                                             r"read\); check its permissions"):
+        load(path)
+
+
+def test_file_name_too_long(tmp_path):
+    name = "m" * 300 + ".keras"
+    with pytest.raises(ModelLoadError, match=r"file name too long for this file system \(306 "
+                                             r"characters.*shorten the path"):
+        load(tmp_path / name)
+
+
+@pytest.mark.parametrize("arg", [None, 123, 1.5, ["m.keras"], ""])
+def test_non_path_argument(arg):
+    with pytest.raises(InvalidArgumentError, match=r"load\(\): path (must be a str or "
+                                                   r"os\.PathLike|is an empty string)"):
+        load(arg)
+
+
+@pytest.mark.parametrize("name", ["m.keras", "m.h5", "m.json", "model"])
+def test_empty_file(tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    _refused(tmp_path / name, rf"{name}: is empty \(0 bytes\)")
+
+
+def test_keras3_json_with_weights(tmp_path):
+    model = _mlp()
+    (tmp_path / "arch.json").write_text(model.to_json())
+    model.save_weights(tmp_path / "w.weights.h5")
+    loaded = load(tmp_path / "arch.json", weights=tmp_path / "w.weights.h5")
+    np.testing.assert_array_equal(_out(loaded, _x()), _out(model, _x()))
+    info = load_info(loaded)
+    assert info.format == "json-keras3" and info.repairs == ()
+    assert info.weights == str(tmp_path / "w.weights.h5")
+    assert _listing(tmp_path) == {"arch.json", "w.weights.h5"}
+
+
+def test_json_that_is_not_an_architecture(tmp_path):
+    (tmp_path / "a.json").write_text('{"hello": 1}')
+    _refused(tmp_path / "a.json", r"a\.json: is JSON but not a Keras model architecture",
+             weights=LEGACY / "keras2_arch_weights.h5")
+
+
+def test_json_lambda_refused_under_safe_mode(tmp_path, unsafe_switch_on):
+    model = _lambda_model()
+    (tmp_path / "lam.json").write_text(model.to_json())
+    model.save_weights(tmp_path / "lam.weights.h5")
+    _refused(tmp_path / "lam.json", r"lam\.json: contains a Lambda layer",
+             weights=tmp_path / "lam.weights.h5")
