@@ -13,6 +13,7 @@ any source model was loaded from.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import json
 import os
@@ -487,9 +488,10 @@ def _load_keras(p: Path, *, safe_mode: bool, custom_objects: dict | None) -> Any
                 config = _decode_json(zf.read("config.json"), p, "the archive member config.json",
                                       "copy the file again or re-save the model")
                 repairs = _unwrap_single_tensors(config, version)
-            with tempfile.TemporaryDirectory(prefix="kmerge-") as tmp:
+            with contextlib.ExitStack() as stack:
                 source = p
                 if repairs:  # Keras reads only files: load a repaired copy of the archive
+                    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kmerge-"))
                     source = Path(tmp) / "repaired.keras"
                     _rewrite_archive(zf, source, {"config.json": json.dumps(config).encode()})
                 try:
