@@ -228,9 +228,6 @@ def test_repaired_keras2_model_saves_merges_and_reloads(tmp_path):
     np.testing.assert_allclose(y, ref["y"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="kmerge/__init__.py must import kmerge.legacy_activations "
-                                       "when Keras is imported (_register_layers), as it does "
-                                       "for kmerge.graph.layers")
 def test_plain_keras_loads_a_repaired_model_after_import_kmerge(tmp_path):
     saved = save(load(DATA / "hard_sigmoid.h5"), tmp_path / "hs.keras")
     code = ("import kmerge, keras, numpy as np, sys; "

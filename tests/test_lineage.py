@@ -91,3 +91,15 @@ def test_lineage_survives_save_and_plain_results_without_files(tmp_path):
     out = kmerge.save(merged, tmp_path / "m.keras")
     assert kmerge.save(merged, out, overwrite=True) == out  # its own output may be replaced
     assert isinstance(kmerge.load(out), keras.Model)
+
+
+def test_the_weights_file_of_a_json_architecture_is_protected(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "legacy"
+    arch = shutil.copy(data / "keras2_arch.json", tmp_path / "arch.json")
+    weights = shutil.copy(data / "keras2_arch_weights.h5", tmp_path / "weights.h5")
+    model = kmerge.load(arch, weights=weights)
+    merged = kmerge.merge_weights([model, kmerge.load(arch, weights=weights)], method="linear")
+    _refuses(merged, Path(weights))

@@ -65,6 +65,7 @@ def __dir__() -> list[str]:
 
 def _register_layers() -> None:
     importlib.import_module("kmerge.graph.layers")
+    importlib.import_module("kmerge.legacy_activations")  # exact Keras 2 hard_sigmoid
 
 
 class _AfterKerasImport(importlib.abc.MetaPathFinder):

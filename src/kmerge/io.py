@@ -737,56 +737,18 @@ def save(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Pat
 
     if not isinstance(model, keras.Model):
         raise InvalidModelError(f"save() needs a keras.Model; received {type(model).__name__}")
-    p = Path(path).expanduser()
-    if p.suffix == "":
-        p = p.with_name(p.name + ".keras")
-    if p.suffix.lower() not in SAVE_SUFFIXES:
-        raise SaveError(f"{p}: cannot save with suffix '{p.suffix}'; use one of "
-                        f"{', '.join(SAVE_SUFFIXES)} (.keras is recommended)")
-    parent = p.parent.absolute()
-    if not parent.is_dir():
-        raise SaveError(f"{p}: the output directory {parent} does not exist; create it first "
-                        f"(mkdir -p {parent})")
-    target = parent.resolve() / p.name
-    if target.resolve() in _source_paths(model):
-        raise SaveError(f"{target}: is the file a source model was loaded from (this model "
-                        "derives from it); kmerge never overwrites a source: choose another path")
-    if target.is_dir():
-        raise SaveError(f"{target}: is a directory; pass a file path ending in .keras")
-    if target.exists() and not overwrite:
-        raise SaveError(f"{target}: already exists; pass overwrite=True to replace it, or choose "
-                        "another path")
-    meta = meta_of(model)
-    meta_json = None
-    if meta is not None:
-        try:
-            meta_json = json.dumps(meta, sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise SaveError(f"{target}: the model's kmerge metadata is not JSON-serializable "
-                            f"({exc}); nothing was written") from exc
-    suffix = target.suffix
-    tmp = parent.resolve() / f".{target.name}.{secrets.token_hex(4)}.tmp{suffix}"
-    try:
-        if suffix == ".keras":
-            model.save(tmp)
-            if meta_json is not None:
-                with zipfile.ZipFile(tmp, "a") as zf:
-                    zf.writestr(_META_MEMBER, meta_json)
-        else:
-            import h5py
+    from kmerge.arguments import flag
 
-            keras.saving.save_model(model, tmp)
-            if meta_json is not None:
-                with h5py.File(tmp, "r+") as f:
-                    f.attrs[_META_H5_ATTR] = meta_json
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, Exception) and not isinstance(exc, SaveError):
-            raise SaveError(f"{target}: Keras could not write the model "
-                            f"({type(exc).__name__}: {exc}); nothing was written") from exc
-        raise
-    return target
+    if not isinstance(path, str | os.PathLike) or not str(path):
+        raise SaveError(f"save() needs a file path (a str or os.PathLike); received {path!r}")
+    try:
+        return _save(model, Path(path).expanduser(), overwrite=flag(overwrite, "overwrite"))
+    except OSError as exc:
+        if isinstance(exc, SaveError):
+            raise
+        # a name longer than the file system allows, a read-only or vanished directory...
+        raise SaveError(f"{path}: cannot write there ({exc.strerror or exc}); choose another "
+                        "path (nothing was written)") from exc
 
 
 def _save(model: Any, p: Path, *, overwrite: bool) -> Path:

@@ -44,6 +44,14 @@ def own_path(model: Any) -> str | None:
     return str(path) if path else None
 
 
+def own_files(model: Any) -> list[str]:
+    """Every file :func:`kmerge.load` read ``model`` from: the model file and, for a JSON
+    architecture, its weights file."""
+    loaded = getattr(model, "_kmerge_load", None)
+    return [str(p) for p in (getattr(loaded, "path", None), getattr(loaded, "weights", None))
+            if p]
+
+
 def lineage(*models: Any) -> list[str]:
     """Every file ``models`` derive from: each one's own file and, recursively, the files its
     metadata records (``source_paths``), so a merge of merges still knows its grandparents and
@@ -52,9 +60,7 @@ def lineage(*models: Any) -> list[str]:
     for model in models:
         if model is None:
             continue
-        mine = own_path(model)
-        if mine:
-            paths.add(mine)
+        paths.update(own_files(model))
         meta = meta_of(model) or {}
         recorded = meta.get("source_paths", [])
         if isinstance(recorded, list):
