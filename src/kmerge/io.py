@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kmerge.errors import InvalidArgumentError, InvalidModelError, ModelLoadError, SaveError
-from kmerge.metadata import attach, lineage, meta_of
+from kmerge.metadata import attach, lineage, localized, meta_of, portable
 
 __all__ = ["LoadInfo", "load", "load_info", "save", "SAVE_SUFFIXES"]
 
@@ -363,7 +363,7 @@ def _kmerge_meta(raw: Any, p: Path, where: str, strip: str) -> dict:
                                   and all(isinstance(s, str) for s in paths)):
         raise ModelLoadError(f"{p}: its kmerge metadata ({where}) is corrupt (source_paths is "
                              f"not a list of paths); {fix}")
-    return meta
+    return localized(meta, p.parent)
 
 
 def _keras_metadata(raw: bytes, p: Path) -> str | None:
@@ -776,7 +776,7 @@ def _save(model: Any, p: Path, *, overwrite: bool) -> Path:
     meta_json = None
     if meta is not None:
         try:
-            meta_json = json.dumps(meta, sort_keys=True)
+            meta_json = json.dumps(portable(meta, parent.resolve()), sort_keys=True)
         except (TypeError, ValueError) as exc:
             raise SaveError(f"{target}: the model's kmerge metadata is not JSON-serializable "
                             f"({exc}); nothing was written") from exc

@@ -8,6 +8,7 @@ travels with the model through :func:`kmerge.save` / :func:`kmerge.load`.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,33 @@ def inherit(model: Any, *parents: Any) -> Any:
     meta = dict(meta_of(model) or {})
     meta["source_paths"] = lineage(model, *parents)
     return attach(model, meta)
+
+
+_RELATIVE = "source_paths_relative"
+
+
+def portable(meta: dict, folder: Path) -> dict:
+    """``meta`` as written into a file saved in ``folder``: the source paths also relative to
+    that folder, so a copy of the whole folder elsewhere still knows (and protects) its
+    sources' copies."""
+    paths = meta.get("source_paths")
+    if not isinstance(paths, list) or not paths:
+        return meta
+    rel = []
+    for q in paths:
+        try:
+            rel.append(os.path.relpath(q, folder))
+        except ValueError:  # another drive (Windows): no relative path
+            continue
+    return {**meta, _RELATIVE: rel}
+
+
+def localized(meta: dict, folder: Path) -> dict:
+    """``meta`` read from a file in ``folder``: its relative source paths resolved there and
+    added to ``source_paths`` (both are protected: the originals and the copies beside it)."""
+    rel = meta.get(_RELATIVE)
+    if not isinstance(rel, list) or not rel:
+        return meta
+    paths = [q for q in meta.get("source_paths", []) if isinstance(q, str)]
+    extra = [str((folder / q).resolve()) for q in rel if isinstance(q, str) and q]
+    return {**meta, "source_paths": sorted(set(paths) | set(extra))}

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, SaveError
+from kmerge.metadata import localized, portable
 from kmerge.weights.apply import refuse_non_finite, supplied_params, tensor_kwargs
 from kmerge.weights.validate import (
     check_fast,
@@ -126,7 +127,8 @@ def _recorded_lineage(p: Path) -> set[str]:
             with zipfile.ZipFile(p) as zf:
                 raw = zf.read(_META_MEMBER) if _META_MEMBER in zf.namelist() else None
         meta = json.loads(raw) if raw is not None else {}
-        paths = meta.get("source_paths", []) if isinstance(meta, dict) else []
+        meta = localized(meta, p.parent) if isinstance(meta, dict) else {}
+        paths = meta.get("source_paths", [])
         return {str(Path(q).resolve()) for q in paths if isinstance(q, str) and q}
     except (OSError, ValueError, RecursionError, zipfile.BadZipFile):
         return set()
@@ -413,7 +415,8 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
                 if drift:
                     worst = max(drift, key=lambda k_: max(drift[k_]))
                     meta["max_drift"] = {"variable": worst, "value": max(drift[worst])}
-                meta_json = json.dumps(meta, sort_keys=True, default=str)
+                meta_json = json.dumps(portable(meta, out.parent.resolve()), sort_keys=True,
+                                       default=str)
                 if kind == ".weights.h5":
                     dst.attrs["kmerge_meta"] = meta_json
             if kind == ".keras":
