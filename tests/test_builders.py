@@ -25,7 +25,7 @@ def test_shared_input_when_specs_agree_else_one_per_source():
 @pytest.mark.parametrize(
     ("weights", "match"),
     [
-        ([1.0], "one number per model"),
+        ([1.0], "one entry per model"),
         ([1.0, float("nan")], "finite and non-negative"),
         ([1.0, -1.0], "finite and non-negative"),
         ([0.0, 0.0], "sum to zero"),

@@ -257,4 +257,4 @@ def test_sources_named_like_kmerge_layers_keep_their_own_layers():
     assert sources["combine"]["layers"] == ["combine_combine", "combine_head"]
     assert {layer.name for layer in p.layers} - {"input"} - set(
         sources["head"]["layers"]) - set(sources["combine"]["layers"]) == {
-        "combine_concat", "head_output"}  # kmerge's own layers, claimed by no source
+        "combine2_concat", "head2_output"}  # kmerge's own layers: no source's prefix

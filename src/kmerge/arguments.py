@@ -19,8 +19,8 @@ import numpy as np
 
 from kmerge.errors import InvalidArgumentError
 
-__all__ = ["model_inputs", "labels", "number", "integer", "flag", "model_name", "outputs",
-           "load_if_path"]
+__all__ = ["model_inputs", "labels", "number", "integer", "flag", "model_name",
+           "normalised_weights", "outputs", "load_if_path"]
 
 
 def load_if_path(m: Any) -> Any:
@@ -171,6 +171,31 @@ def model_name(value: Any, what: str = "name") -> str | None:
             f"{what} must be a non-empty string without '/' (or None for a default); received "
             f"{value!r}")
     return value
+
+
+def normalised_weights(weights: Any, n: int, *, what: str = "model") -> list[float]:
+    """``n`` finite, non-negative numbers with a positive sum, normalised to sum 1 (uniform
+    when None). Scaled by the largest first, so ``[1e308, 1e308]`` is ``[0.5, 0.5]``."""
+    if weights is None:
+        return [1.0 / n] * n
+    if isinstance(weights, str | bytes | Mapping) or not hasattr(weights, "__len__"):
+        raise InvalidArgumentError(f"weights must be a list of {n} numbers, one per {what}; "
+                                   f"received {weights!r}")
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in weights):
+        raise InvalidArgumentError(f"weights must be a list of {n} numbers, one per {what}; "
+                                   f"received {list(weights)!r}")
+    w = np.asarray(list(weights), dtype=np.float64)
+    if w.ndim != 1 or len(w) != n:
+        raise InvalidArgumentError(f"weights must have one entry per {what} ({n}); received "
+                                   f"{len(w)}: {w.tolist()}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise InvalidArgumentError(f"weights must be finite and non-negative; received "
+                                   f"{w.tolist()}")
+    if w.max() <= 0:
+        raise InvalidArgumentError(f"weights sum to zero ({w.tolist()}); give at least one "
+                                   f"{what} a positive weight, e.g. weights={[1] * n}")
+    w = w / w.max()  # scale first: [1e308, 1e308] would overflow the sum to inf
+    return (w / w.sum()).tolist()
 
 
 def integer(value: Any, name: str, *, low: int | None = 1, optional: bool = False) -> Any:

@@ -149,6 +149,15 @@ class GraphBuilder:
         self.combine_name: str | None = None
         self.head = "none"
 
+    def own_prefix(self, base: str) -> str:
+        """A prefix for kmerge's own layers (``head``, ``combine``, ``gate``) that no copied
+        layer name starts with: a source named ``head`` keeps its ``head_*`` layers and the
+        new head becomes ``head2_*``."""
+        prefix, k = base, 2
+        while any(n == prefix or n.startswith(prefix + "_") for n in self.taken):
+            prefix, k = f"{base}{k}", k + 1
+        return prefix
+
     # -- inputs -------------------------------------------------------------------
     def new_input(self, shape: tuple, dtype: str, name: str):
         base, k = name, 1

@@ -127,7 +127,7 @@ def fuse(
     n_feats = sum(len(r) for r in refs.values())
     if n_feats < 2:
         raise InvalidArgumentError("fuse needs at least two taps in all (one model, two layers is fine)")
-    fixed = check_weights(weights, n_feats, op=combine)
+    fixed = check_weights(weights, n_feats, op=combine, what="tap")
     builder = GraphBuilder("fuse", sources, frozen_names(freeze, sources), name=name,
                            dry_run=dry_run)
     inputs = builder.inputs_for(list(sources), share=share_inputs)
@@ -139,6 +139,6 @@ def fuse(
             feats[key] = builder.tap(n, ref)
     feats = _align(builder, feats, pooling)
     x = combine_branches(builder, feats, combine=combine, adapter=mode, weights=fixed)
-    x = apply_head(head, x, name="head")
+    x = apply_head(head, x, name=builder.own_prefix("head"))
     builder.head = describe_head(head)
     return builder.finish(x, verify=verify)

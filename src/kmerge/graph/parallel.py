@@ -6,16 +6,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 
-from kmerge.arguments import flag, model_name
+from kmerge.arguments import flag, model_name, normalised_weights
 from kmerge.errors import InvalidArgumentError
 from kmerge.graph.build import GraphBuilder, check_adapter_mode, frozen_names, named_models
 from kmerge.graph.combine import combine_ops
 from kmerge.graph.heads import apply_head, describe_head
 
 
-def check_weights(weights: Any, n: int, *, op: str) -> list[float] | None:
+def check_weights(weights: Any, n: int, *, op: str, what: str = "model") -> list[float] | None:
     """Validate the fixed weights of ``combine="weighted"``."""
     needs = combine_ops.get(op).needs_weights
     if weights is None:
@@ -30,20 +29,12 @@ def check_weights(weights: Any, n: int, *, op: str) -> list[float] | None:
             f"weights only apply to combine='weighted', not {op!r}; use combine='weighted' or "
             "drop weights (combine='learned_weights' learns them)"
         )
-    if isinstance(weights, dict):
-        raise InvalidArgumentError("weights must be a list of numbers in model order")
-    w = np.asarray(list(weights) if isinstance(weights, Sequence) else weights, dtype="float64")
-    if w.ndim != 1 or len(w) != n:
-        raise InvalidArgumentError(f"weights must have one number per model ({n}), got {len(w)}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise InvalidArgumentError(f"weights must be finite and non-negative, got {w.tolist()}")
-    if w.sum() == 0:
-        raise InvalidArgumentError("weights sum to zero; give at least one positive weight")
-    return (w / w.sum()).tolist()
+    return normalised_weights(weights, n, what=what)
 
 
 def gate_context(builder: GraphBuilder):
     """The tensor the gate looks at: the merged input(s), flattened and concatenated."""
+    gate = builder.own_prefix("gate")
     flats = []
     for t in builder.inputs:
         x = t
@@ -53,11 +44,11 @@ def gate_context(builder: GraphBuilder):
                 f"here ({t.name}); use combine='learned_weights' instead"
             )
         if len(x.shape) > 2:
-            x = keras.layers.Flatten(name=f"gate_flatten_{t.name}")(x)
+            x = keras.layers.Flatten(name=f"{gate}_flatten_{t.name}")(x)
         flats.append(x)
     if len(flats) == 1:
         return flats[0]
-    return keras.layers.Concatenate(name="gate_context")(flats)
+    return keras.layers.Concatenate(name=f"{gate}_context")(flats)
 
 
 def combine_branches(builder: GraphBuilder, tensors: dict, *, combine: str, adapter: str,
@@ -67,7 +58,8 @@ def combine_branches(builder: GraphBuilder, tensors: dict, *, combine: str, adap
     if op.elementwise:
         tensors = builder.equalize(tensors, mode=adapter, op=combine)
     context = gate_context(builder) if op.needs_context else None
-    return op.build(list(tensors.values()), name=f"combine_{combine}", weights=weights,
+    return op.build(list(tensors.values()), name=f"{builder.own_prefix('combine')}_{combine}",
+                    weights=weights,
                     context=context)
 
 
@@ -127,6 +119,6 @@ def parallel(
         builder.add_source(n, inputs[n])
         tensors[n] = builder.output_of(n, output.get(n))
     x = combine_branches(builder, tensors, combine=combine, adapter=mode, weights=fixed)
-    x = apply_head(head, x, name="head")
+    x = apply_head(head, x, name=builder.own_prefix("head"))
     builder.head = describe_head(head)
     return builder.finish(x, verify=verify)

@@ -99,6 +99,13 @@ def _checked_data(model, x, y) -> tuple[Any, Any]:
     xs = model_inputs(model, x, "data x")
     if y is not None:
         y = labels(y, len(xs[0]), "data y")
+        classes = int(model.outputs[0].shape[-1] or 0) if getattr(model, "outputs", None) else 0
+        if classes > 1 and y.ndim == 1 and y.dtype.kind in "iu" and (
+                y.min() < 0 or y.max() >= classes):
+            raise InvalidArgumentError(
+                f"data y holds class labels {int(y.min())}..{int(y.max())} but model "
+                f"{model.name!r} predicts {classes} classes (0..{classes - 1}); pass the labels "
+                "the models were trained on")
     return (xs[0] if len(xs) == 1 else xs), y
 
 
@@ -151,11 +158,12 @@ def _merge_arrays(method: str, fn, sources: list[list[np.ndarray]], paths: list[
                                base=None if base is None else base[i],
                                fishers=[f[i] for f in fishers] if "fishers" in sup else None,
                                grams=gram)
-        merged = np.asarray(fn([s[i] for s in sources], **kwargs))
-        if merged.shape != first.shape:
-            raise InvalidArgumentError(f"method {method!r} returned shape {merged.shape} for "
-                                       f"{path!r}, expected {first.shape}")
-        with np.errstate(over="ignore", invalid="ignore"):  # refused below, naming the variable
+        # overflow (scale=1e308) gives inf/NaN, refused below naming the variable
+        with np.errstate(over="ignore", invalid="ignore"):
+            merged = np.asarray(fn([s[i] for s in sources], **kwargs))
+            if merged.shape != first.shape:
+                raise InvalidArgumentError(f"method {method!r} returned shape {merged.shape} "
+                                           f"for {path!r}, expected {first.shape}")
             out.append(merged.astype(first.dtype, copy=False))
     return out
 

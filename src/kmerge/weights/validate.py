@@ -77,24 +77,9 @@ def _check_type(method: str, name: str, value: Any, default: Any, where: str) ->
 
 
 def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0 / n] * n
-    try:
-        w = np.asarray(list(weights), dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"weights must be a sequence of {n} numbers, one per model; "
-                                   f"received {weights!r}") from None
-    if w.ndim != 1 or len(w) != n:
-        raise InvalidArgumentError(f"weights must have one entry per model ({n}); received "
-                                   f"{len(w) if w.ndim == 1 else w.shape} values: {list(weights)!r}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise InvalidArgumentError(f"weights must be finite and non-negative; received "
-                                   f"{w.tolist()}")
-    if w.max() <= 0:
-        raise InvalidArgumentError(f"weights sum to zero ({w.tolist()}); give at least one model "
-                                   "a positive weight, e.g. weights=[1, 1] for a plain average")
-    w = w / w.max()  # scale first: [1e308, 1e308] would overflow the sum to inf
-    return (w / w.sum()).tolist()
+    from kmerge.arguments import normalised_weights
+
+    return normalised_weights(weights, n, what="model")
 
 
 def compile_patterns(patterns, what: str) -> list[tuple[str, re.Pattern]]:
