@@ -202,6 +202,7 @@ LINEAGE = {  # case -> (derived model factory, source file it must refuse)
     "merge_weights-of-merges-grandparent": (lambda e: kmerge.merge_weights(
         [kmerge.parallel({"a": e.a, "b": e.b}, combine="average", verify=False),
          e.load("m1")], method="linear"), "a"),
+    "merge-of-loaded-merge-grandparent": (merge_of_loaded_merge, "b"),
 }
 
 
@@ -618,6 +619,29 @@ BAD = {
     "load-directory-keras-suffix": lambda e: kmerge.load(e.src / "dir.keras"),
     "load-int": lambda e: kmerge.load(3),
     "load-yaml": lambda e: kmerge.load(e.src / "bad.yaml"),
+    "parallel-weights-strings": lambda e: kmerge.parallel([e.a, e.b], combine="weighted",
+                                                          weights=["x", "y"]),
+    "parallel-weights-string": lambda e: kmerge.parallel([e.a, e.b], combine="weighted",
+                                                         weights="1,1"),
+    "merge_weights-weights-string": lambda e: kmerge.merge_weights([e.a, e.b], method="linear",
+                                                                   weights="11"),
+    "task_arithmetic-scale-huge": lambda e: kmerge.merge_weights(
+        [e.a, e.b], method="task_arithmetic", base=e.base, scale=1e308),
+    "greedy_soup-labels-out-of-range": lambda e: kmerge.merge_weights(
+        [e.a, e.b], method="greedy_soup", data=(e.x, e.y + 7)),
+    "verify-wrong-source": lambda e: kmerge.verify(e.m, {"a": e.b}),
+    "verify-x-strings": lambda e: kmerge.verify(e.m, {"a": e.a}, x=np.full((4, 8), "a")),
+    "fit_head-verbose-unknown": lambda e: kmerge.fit_head(e.m, e.x, e.y, epochs=1,
+                                                          verbose="loud"),
+    "fit_head-optimizer-unknown": lambda e: kmerge.fit_head(e.m, e.x, e.y, epochs=1, verbose=0,
+                                                            optimizer="sgdx", seed=0),
+    "fit_head-loss-unknown": lambda e: kmerge.fit_head(e.m, e.x, e.y, epochs=1, verbose=0,
+                                                       loss="nonsense", seed=0),
+    "distill-optimizer-unknown": lambda e: kmerge.distill(e.a, e.student, e.x, epochs=1,
+                                                          optimizer="sgdx", verbose=0, seed=0),
+    "stitch-loss-unknown": lambda e: kmerge.stitch(e.a, e.b, at=(0, 0), x=e.x, y=e.y, epochs=1,
+                                                   loss="nonsense", verbose=0, seed=0),
+    "students-like-width-inf": lambda e: kmerge.students.like(e.a, width=math.inf),
 }
 
 
@@ -675,6 +699,19 @@ COLLIDE = {  # case -> sources factory, builder
         lambda s: kmerge.stitch(s["a"], s["b"], at=(0, 0),
                                 x=np.ones((6, 8), "float32"), y=np.arange(6) % 3, epochs=0,
                                 seed=0)),
+    "source-named-head": (
+        lambda e: {"head": named("head", ["dense_0", "output"]), "b": e.b},
+        lambda s: kmerge.parallel(s, head=kmerge.heads.classifier(3, hidden=[4]))),
+    "source-named-head-fuse": (
+        lambda e: {"head": named("head", ["dense_0", "flatten"]), "b": e.b},
+        lambda s: kmerge.fuse({"head": (s["head"], 0), "b": (s["b"], 0)},
+                              head=kmerge.heads.classifier(3, hidden=[4]))),
+    "source-named-combine": (
+        lambda e: {"combine": named("combine", ["concat", "average"]), "b": e.b},
+        lambda s: kmerge.parallel(s, combine="concat")),
+    "source-named-combine-average": (
+        lambda e: {"combine": named("combine", ["concat", "average"]), "b": e.b},
+        lambda s: kmerge.parallel(s, combine="average")),
 }
 
 
@@ -793,6 +830,14 @@ CLI = {
     "validate-missing": lambda e: ["validate", e.src / "missing.yaml"],
     "run-bad-yaml": lambda e: ["run", e.src / "bad.yaml"],
     "plan-bad-yaml": lambda e: ["plan", e.src / "bad.yaml"],
+    "parallel-output-is-grandparent": lambda e: [
+        "parallel", e.path("m1"), e.path("c"), "-o", e.path("a"), "--overwrite",
+        "--combine", "average"],
+    "sequential-output-is-grandparent": lambda e: [
+        "sequential", e.path("m1"), e.path("c"), "-o", e.path("b"), "--overwrite"],
+    "weights-output-is-grandparent": lambda e: [
+        "weights", e.path("m1"), e.path("m1"), "--method", "linear", "-o", e.path("a"),
+        "--overwrite"],
 }
 
 

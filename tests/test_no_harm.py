@@ -158,3 +158,15 @@ def test_mixed_dtype_sources_are_refused():
                           keras.layers.Dense(3, activation="softmax", dtype="float16")])
     with pytest.raises(KmergeError, match="float16"):
         kmerge.merge_weights([a, b], method="linear")
+
+
+def test_weighted_combine_with_overflowing_weights_is_an_even_average():
+    a, b = mlp(seed=0), mlp(seed=1)
+    big = kmerge.parallel([a, b], combine="weighted", weights=[1e308, 1e308])
+    even = kmerge.parallel([a, b], combine="average")
+    np.testing.assert_allclose(predict(big, X)[0], predict(even, X)[0], rtol=1e-6, atol=1e-7)
+    taps = {"a": (a, 0), "b": (b, 0)}
+    fused = kmerge.fuse(taps, combine="weighted", weights=[1e308, 1e308])
+    np.testing.assert_allclose(predict(fused, X)[0],
+                               predict(kmerge.fuse(taps, combine="average"), X)[0],
+                               rtol=1e-6, atol=1e-7)

@@ -390,14 +390,27 @@ def _verify(args, echo) -> int:
                     f"{item} is not recorded as a source of {args.merged}; name it as NAME=PATH "
                     f"(sources: {', '.join(meta.get('sources', {})) or 'none recorded'})")
         sources[name] = _load_one(path)
-    report = verify(merged, sources)
-    if args.json:
+    from kmerge.errors import VerificationError
+
+    try:
+        report = verify(merged, sources)
+    except VerificationError as exc:  # the table on stdout, the one-line error on stderr
+        report = getattr(exc, "report", None)
+        if report is None:
+            raise
+        _print_report(report, args.json)
+        raise
+    _print_report(report, args.json)
+    return 0
+
+
+def _print_report(report, as_json: bool) -> None:
+    if as_json:
         print(json.dumps({"ok": report.ok, "checks": [
             {"source": c.source, "what": c.what, "shape": list(c.shape),
              "max_abs_diff": c.max_abs_diff} for c in report.checks]}, indent=2))
     else:
         print(report)
-    return 0
 
 
 def _list(args, echo) -> int:

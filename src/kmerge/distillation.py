@@ -159,7 +159,12 @@ def distill(
     >>> student = kmerge.distill([a, b], kmerge.students.like(a, width=0.5), x, y=y, epochs=5)
     """
     from kmerge.training.data import Feed, device_count
-    from kmerge.training.losses import check_labels, fresh_optimizer, output_activation
+    from kmerge.training.losses import (
+        check_labels,
+        check_verbose,
+        fresh_optimizer,
+        output_activation,
+    )
 
     teachers = list(teacher) if isinstance(teacher, list | tuple) else [teacher]
     if not teachers:
@@ -167,6 +172,8 @@ def distill(
     teachers = [check_model(t, f"teacher {i}") for i, t in enumerate(teachers)]
     student = check_model(student, "student")
     epochs = integer(epochs, "epochs")
+    check_verbose(verbose)
+    fresh_optimizer(optimizer)  # an unknown name fails here, before any teacher runs
     batch_size = integer(batch_size, "batch_size")
     temperature = number(temperature, "temperature", low=0, low_open=True)
     alpha = number(alpha, "alpha", low=0.0, high=1.0)

@@ -24,6 +24,7 @@ from kmerge.graph import compiled
 from kmerge.graph.rebuild import Copier, LayerRef, check_model, input_specs, rebuild
 from kmerge.graph.replay import Call, is_graph_model, replay, resolve_ref, submodel, walk
 from kmerge.metadata import attach, lineage, own_path
+from kmerge.training.losses import check_loss, check_verbose
 
 __all__ = ["stitch", "rebuild_from"]
 
@@ -239,6 +240,8 @@ def stitch(
     walk_b, cut_b = _cut(b, ref_b, source="b")
     # every array is checked against both models before anything runs (see kmerge.arguments)
     batch_size = integer(batch_size, "batch_size")
+    loss = check_loss(loss)
+    check_verbose(verbose)
     (x_np,) = model_inputs(a, x, "x")
     model_inputs(b, x_np, "x (b alone is scored on it: the penalty's baseline)")
     y_np = labels(y, len(x_np), "y")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import keras
 
 from kmerge import _keras
-from kmerge.errors import InvalidArgumentError, InvalidModelError
+from kmerge.arguments import integer, number
+from kmerge.errors import InvalidModelError
 from kmerge.graph.rebuild import is_graph_model
 
 __all__ = ["like", "count_flops"]
@@ -43,8 +44,9 @@ def like(model: keras.Model, width: float = 0.5, *, seed: int | None = None,
             f"students.like needs a Functional or Sequential model, got {type(model).__name__}; "
             "build the student by hand for subclassed models"
         )
-    if isinstance(width, bool) or not isinstance(width, int | float) or not width > 0:
-        raise InvalidArgumentError(f"width must be a positive number, got {width!r}")
+    # a student wider than 16x its teacher is a mistake (and would exhaust memory), not a student
+    width = number(width, "width", low=0.0, low_open=True, high=16.0)
+    seed = integer(seed, "seed", low=0, optional=True)
     outputs = {id(_keras.history(t)[0]) for t in model.outputs}
 
     def scaled(layer: keras.layers.Layer) -> keras.layers.Layer:

@@ -133,6 +133,10 @@ def _merged_inputs(merged: keras.Model, x: Any) -> dict[str, np.ndarray]:
                 f"x gives {len(arrays)} arrays for {len(names)} inputs {names}")
         given = {n: np.asarray(a) for n, a in zip(names, arrays)}
     for n, a in given.items():
+        if a.dtype.kind not in "biuf":
+            raise InvalidArgumentError(
+                f"x for input {n!r} of model {merged.name!r} has dtype {a.dtype} (not numbers); "
+                "pass numeric arrays")
         want = tuple(inputs[n].shape[1:])
         if a.ndim != len(want) + 1 or any(
                 w is not None and w != g for w, g in zip(want, a.shape[1:])):
@@ -262,12 +266,15 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
         )
     if not report.ok:
         worst = max(report.checks, key=lambda c: c.max_abs_diff)
-        raise VerificationError(
+        failed = sum(c.max_abs_diff > report.atol for c in report.checks)
+        error = VerificationError(
             f"merged model does not reproduce source {worst.source!r} at {worst.what}: "
-            f"max |diff| = {worst.max_abs_diff:.6g} > atol {atol:g}. The source's weights may "
-            "have changed after merging, or the merge was trained with the source unfrozen; "
-            "if neither, this is a kmerge bug: please report it with the model\n" + str(report)
-        )
+            f"max |diff| = {worst.max_abs_diff:.6g} > atol {atol:g} ({failed} of "
+            f"{len(report.checks)} tensors differ; the exception's .report has the table). The "
+            "source's weights may have changed after merging, or the merge was trained with the "
+            "source unfrozen; if neither, this is a kmerge bug: please report it with the model")
+        error.report = report
+        raise error
     return report
 
 

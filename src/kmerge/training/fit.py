@@ -40,7 +40,13 @@ from kmerge.errors import InvalidArgumentError, LayerNotFoundError
 from kmerge.metadata import meta_of
 from kmerge.training.data import CHUNK, Feed, Source, as_list, device_count, pad, to_numpy, unpack
 from kmerge.training.guard import unchanged_on_failure
-from kmerge.training.losses import check_labels, fresh_optimizer, infer_loss
+from kmerge.training.losses import (
+    check_labels,
+    check_loss,
+    check_verbose,
+    fresh_optimizer,
+    infer_loss,
+)
 from kmerge.training.spill import Spool
 from kmerge.training.split import checked_walk, frozen_submodel, split, trainable_submodel
 
@@ -108,12 +114,6 @@ def _check_positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _verbose(verbose: Any) -> int:
-    if verbose == "auto":
-        return 1
-    return int(verbose)
 
 
 def _validation_source(validation_data: Any, model: keras.Model, batch_size: int) -> Source:
@@ -202,6 +202,9 @@ def fit_head(
     batch_size = _check_positive("batch_size", batch_size)
     if cache not in _CACHE_MODES:
         raise InvalidArgumentError(f"cache must be one of {list(_CACHE_MODES)}, got {cache!r}")
+    check_verbose(verbose)
+    fresh_optimizer(optimizer)  # an unknown name fails here, before any work
+    loss = check_loss(loss)
     checked_walk(model)
     if not model.trainable_weights:
         raise InvalidArgumentError(
@@ -213,7 +216,7 @@ def fit_head(
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31 - 1))
     keras.utils.set_random_seed(seed)
-    verbose_i = _verbose(verbose)
+    verbose_i = check_verbose(verbose)
     devices = device_count()
     with unchanged_on_failure(model, "fit_head"):
         src = Source(x, y, model, batch_size=batch_size)

@@ -72,7 +72,12 @@ def check_labels(model: keras.Model, y: np.ndarray, loss: Any) -> None:
 
 def fresh_optimizer(optimizer: Any, learning_rate: float | None = None):
     if isinstance(optimizer, str):
-        opt = keras.optimizers.get(optimizer)
+        try:
+            opt = keras.optimizers.get(optimizer)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"unknown optimizer {optimizer!r}; use a Keras optimizer name ('adam', 'sgd', "
+                "'rmsprop', 'adamw', ...) or a keras.optimizers.Optimizer") from None
         opt = type(opt).from_config(opt.get_config())
     elif isinstance(optimizer, keras.optimizers.Optimizer):
         opt = type(optimizer).from_config(optimizer.get_config())  # never a used instance
@@ -84,3 +89,25 @@ def fresh_optimizer(optimizer: Any, learning_rate: float | None = None):
     if learning_rate is not None:
         opt.learning_rate = learning_rate
     return opt
+
+
+def check_loss(loss: Any) -> Any:
+    """``loss`` unchanged if Keras can use it (None: inferred later); unknown names refused
+    before any work."""
+    if isinstance(loss, str):
+        try:
+            keras.losses.get(loss)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"unknown loss {loss!r}; use a Keras loss name ('sparse_categorical_crossentropy', "
+                "'mse', ...), a keras.losses.Loss, or None to let kmerge infer it") from None
+    return loss
+
+
+def check_verbose(verbose: Any) -> int:
+    """Keras's verbosity: ``"auto"`` (1), 0, 1 or 2."""
+    if verbose == "auto":
+        return 1
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+        raise InvalidArgumentError(f"verbose must be 'auto', 0, 1 or 2; received {verbose!r}")
+    return int(verbose)
