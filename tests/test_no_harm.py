@@ -170,3 +170,13 @@ def test_weighted_combine_with_overflowing_weights_is_an_even_average():
     np.testing.assert_allclose(predict(fused, X)[0],
                                predict(kmerge.fuse(taps, combine="average"), X)[0],
                                rtol=1e-6, atol=1e-7)
+
+
+def test_mixed_precision_and_float32_sources_are_refused():
+    a = mlp(seed=0)
+    keras.utils.set_random_seed(1)
+    b = keras.Sequential([keras.Input((8,)),
+                          keras.layers.Dense(16, activation="relu", dtype="mixed_float16"),
+                          keras.layers.Dense(3, activation="softmax", dtype="mixed_float16")])
+    with pytest.raises(KmergeError, match="dtype policy mixed_float16.*one dtype policy"):
+        kmerge.merge_weights([a, b], method="linear")

@@ -162,6 +162,11 @@ def leaf_layers(model) -> list:
 
 
 def clean_config(obj: Any) -> Any:
+    """A layer config without what does not change the function: names, seeds, initializers,
+    trainable flags. A dtype policy stays, as its name ("mixed_float16" vs "float32" is another
+    computation): the generic rule would drop its ``name``."""
+    if isinstance(obj, dict) and str(obj.get("class_name", "")).endswith("DTypePolicy"):
+        return f"dtype policy {obj.get('config', {}).get('name')}"
     if isinstance(obj, dict):
         return {k: clean_config(v) for k, v in obj.items()
                 if k not in IGNORED_CONFIG_KEYS and not k.endswith("_initializer")}
@@ -224,10 +229,13 @@ def check_compatible(models: Sequence[Any], names: Sequence[str]) -> None:
             cfa, cfb = clean_config(la.get_config()), clean_config(lb.get_config())
             diff = first_config_difference(cfa, cfb)
             if diff is not None:
+                how = fix if diff != "dtype" else (
+                    "a merge would silently compute in one of them; build both with one dtype "
+                    "policy (keras.config.set_dtype_policy) and copy the weights in")
                 raise IncompatibleModelsError(
                     f"{ref_name} and {name} differ at layer {la.name!r} ({ca}): config "
                     f"{diff!r} is {dig(cfa, diff)!r} in {ref_name} but {dig(cfb, diff)!r} in "
-                    f"{name}; {fix}")
+                    f"{name}; {how}")
         if len(layers) != len(ref_layers):
             longer, short = (ref_layers, layers) if len(ref_layers) > len(layers) else (layers, ref_layers)
             extra = longer[len(short)]
