@@ -32,6 +32,10 @@ def _installed(name: str) -> bool:
         return False
 
 
+def _keras_imported() -> bool:
+    return "keras" in sys.modules
+
+
 def configured_backend() -> tuple[str, str]:
     """(backend, where it was set): ``KERAS_BACKEND``, the ``keras.json`` file, or Keras's
     default (tensorflow)."""
@@ -57,7 +61,7 @@ def choose_backend(note=lambda text: print(text, file=sys.stderr)) -> str | None
         KmergeError: ``KERAS_BACKEND`` names a backend that is not installed, or no backend
             is installed at all.
     """
-    if "keras" in sys.modules:
+    if _keras_imported():
         return None
     backend, where = configured_backend()
     if _installed(backend):
