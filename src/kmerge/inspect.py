@@ -11,6 +11,7 @@ from kmerge.graph.rebuild import is_graph_model
 
 @dataclass
 class LayerRow:
+    index: int | None  # what a tap by index means (top-level layers only; nested: by path)
     path: str
     type: str
     output_shape: str
@@ -30,6 +31,7 @@ class ModelSummary:
     layers: list[LayerRow] = field(default_factory=list)
     suggested_taps: list[str] = field(default_factory=list)
     params: int = 0
+    kmerge: dict | None = None  # kmerge.info(model) of a model kmerge made
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,16 +46,18 @@ class ModelSummary:
             lines.append("repairs: none needed")
         lines.append("inputs:  " + ", ".join(self.inputs))
         lines.append("outputs: " + ", ".join(self.outputs))
-        rows = [("layer", "type", "output shape", "params", "trainable")]
-        rows += [(r.path, r.type, r.output_shape, f"{r.params:,}", "yes" if r.trainable else "no")
-                 for r in self.layers]
-        widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
+        rows = [("#", "layer", "type", "output shape", "params", "trainable")]
+        rows += [("" if r.index is None else str(r.index), r.path, r.type, r.output_shape,
+                  f"{r.params:,}", "yes" if r.trainable else "no") for r in self.layers]
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
         for j, r in enumerate(rows):
             lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
             if j == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
         lines.append(f"parameters: {self.params:,}")
         lines.append("suggested taps for fuse: " + (", ".join(self.suggested_taps) or "none"))
+        lines.append("taps and cuts take a name, a nested path ('block/conv') or the # index")
+        lines.extend(_describe_meta(self.kmerge))
         return "\n".join(lines)
 
 
@@ -67,11 +71,11 @@ def _shape(layer) -> str:
 
 
 def _walk(model, prefix: str, rows: list[LayerRow]) -> None:
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
+    for index, layer in enumerate(model.layers):
+        if isinstance(layer, keras.layers.InputLayer) and prefix:
+            continue  # nested inputs are fed by the outer graph
         path = prefix + layer.name
-        rows.append(LayerRow(path, type(layer).__name__, _shape(layer),
+        rows.append(LayerRow(None if prefix else index, path, type(layer).__name__, _shape(layer),
                              int(layer.count_params()) if layer.built else 0, bool(layer.trainable)))
         if is_graph_model(layer):
             _walk(layer, path + "/", rows)
@@ -83,7 +87,7 @@ _FLATTENERS = ("Flatten", "GlobalAveragePooling", "GlobalMaxPooling")
 def suggest_taps(rows: list[LayerRow]) -> list[str]:
     """The last feature map before flattening/pooling, and the penultimate dense layer."""
     taps = []
-    flat = [r for r in rows if r.type not in ("Sequential", "Functional")]
+    flat = [r for r in rows if r.type not in ("Sequential", "Functional", "InputLayer")]
     for i, r in enumerate(flat):
         if r.type.startswith(_FLATTENERS) and i > 0:
             j = i - 1
@@ -100,8 +104,29 @@ def suggest_taps(rows: list[LayerRow]) -> list[str]:
     return seen[-3:]
 
 
+def _describe_meta(meta: dict | None) -> list[str]:
+    """What kmerge recorded about a model it made, for people."""
+    if not meta:
+        return []
+    lines = [f"made by kmerge: {meta.get('kind', '?')}"
+             + (f", method {meta['method']}" if meta.get("method") else "")
+             + (f", combine {meta['combine']}" if meta.get("combine") else "")
+             + (f", head {meta['head']}" if meta.get("head") not in (None, "none") else "")]
+    for name, src in (meta.get("sources") or {}).items():
+        if isinstance(src, dict):
+            lines.append(f"  source {name}: {'frozen' if src.get('frozen') else 'trainable'}"
+                         f"{', from ' + src['path'] if src.get('path') else ''}")
+    for adapter in meta.get("adapters") or []:
+        lines.append(f"  adapter: {adapter}")
+    if meta.get("source_paths"):
+        lines.append(f"  derived from (kmerge.save never overwrites these): "
+                     f"{', '.join(meta['source_paths'])}")
+    return lines
+
+
 def summarize(model: keras.Model) -> ModelSummary:
     from kmerge.io import load_info
+    from kmerge.metadata import info as kmerge_info
 
     info = load_info(model)
     rows: list[LayerRow] = []
@@ -118,4 +143,5 @@ def summarize(model: keras.Model) -> ModelSummary:
         layers=rows,
         suggested_taps=suggest_taps(rows),
         params=int(model.count_params()),
+        kmerge=kmerge_info(model),
     )
