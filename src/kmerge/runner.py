@@ -1,4 +1,14 @@
-"""Run a validated recipe: load data and models, execute the steps in order."""
+"""Run a validated recipe: load data and models, execute the steps in order.
+
+A run is reproducible: the same recipe on the same machine and backend gives bit-identical
+metrics. The recipe's seed (``data.seed``, 0 without a data section) seeds everything random:
+the split and the noise (:func:`load_data`), and before every step Keras's global RNG
+(``keras.utils.set_random_seed``: initializers of adapters and of Keras layers, Python,
+NumPy, tensorflow and torch), the heads' initializers and dropout
+(:func:`kmerge.heads.classifier`'s ``seed``), and the batch order and RNG of ``fit_head``,
+``fine_tune``, ``distill`` and the student's initial weights. Each step is seeded afresh, so its
+result depends on its inputs and the seed, not on which steps ran before it.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +52,41 @@ class RunResult:
     final: str | None = None
     report: Path | None = None
     log: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # also in the report's notes
+    seed: int = 0
+
+
+def recipe_seed(recipe: Recipe) -> int:
+    """The seed of a whole run: ``data.seed`` (0 without a data section)."""
+    return int(recipe.data.seed) if recipe.data is not None else 0
+
+
+def seed_step(seed: int) -> None:
+    """Seed every global RNG a step may draw from (Keras's global SeedGenerator, Python,
+    NumPy, tensorflow and torch)."""
+    import keras
+
+    keras.utils.set_random_seed(int(seed))
+
+
+def split_note(spec: DataSpec) -> str | None:
+    """A note on where the test set comes from when kmerge splits the data itself.
+
+    None when the data section gives its own test split (``x_test``). Otherwise the test set
+    is a random part of data the sources may have been trained on, so their scores (and the
+    merge's) may be optimistic; for ``sklearn:digits`` with ``test_size: 0.3`` and seed 0 the
+    split is the one ``kmerge demo`` holds out (:func:`kmerge.demo.digits`).
+    """
+    if spec.x_test:
+        return None
+    part = f"a random {spec.test_size:.0%} split of {spec.source} (seed {spec.seed})"
+    if spec.source == "sklearn:digits" and spec.seed == 0 and abs(spec.test_size - 0.3) < 1e-12:
+        return (f"test set: {part}, the split `kmerge demo` holds out, so the demo's models "
+                "never saw it; sources trained on other digits examples may have, and their "
+                "scores would be optimistic")
+    return (f"test set: {part}; if the sources were trained on {spec.source}, the test set "
+            "may overlap their training data and their scores would be optimistic (give a "
+            "held-out test split with data.x_test / data.y_test to be sure)")
 
 
 def load_data(spec: DataSpec, recipe: Recipe) -> Data:
@@ -317,13 +362,14 @@ def score(model, data: Data, batch_size: int = 256) -> float:
     return float(np.mean((pred.reshape(data.y_test.shape) - data.y_test) ** 2))
 
 
-def build_head(spec: HeadSpec | None):
+def build_head(spec: HeadSpec | None, seed: int = 0):
+    """The head of a recipe or CLI step; ``seed`` seeds its initializers and dropout."""
     import kmerge
 
     if spec is None:
         return None
     make = kmerge.heads.classifier if spec.kind == "classifier" else kmerge.heads.regressor
-    return make(spec.units, hidden=spec.hidden, dropout=spec.dropout)
+    return make(spec.units, hidden=spec.hidden, dropout=spec.dropout, seed=seed)
 
 
 def freeze_arg(value):
@@ -331,8 +377,8 @@ def freeze_arg(value):
 
 
 def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path | None = None,
-        report: str | Path | None = None, warn: Callable[[str], None] | None = None
-        ) -> RunResult:
+        report: str | Path | None = None, warn: Callable[[str], None] | None = None,
+        final: str | None = None) -> RunResult:
     """Execute ``recipe``.
 
     Every output is checked before any work starts (:func:`kmerge.recipe.check_outputs`):
@@ -341,6 +387,8 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
     target; the targets (and the report) appear only after every step succeeded, and a
     failure or an interrupt removes everything the run wrote.
 
+    Reproducible: see the module docstring (the recipe's seed seeds every step).
+
     Args:
         recipe: From :func:`kmerge.recipe.load_recipe`.
         echo: Progress lines.
@@ -348,15 +396,31 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
         report: A folder for ``write_report`` on the test data.
         warn: Warning lines (models loaded with ``safe_mode: false``); default
             :func:`warnings.warn`.
+        final: The model the report is about (a source or a step's name); default: the
+            model of the last step that builds one (the last source when none does).
+
+    Raises:
+        RecipeError: ``final`` names no model of the recipe (before any work).
     """
     import kmerge
     from kmerge.recipe import check_outputs, unsafe_warnings
 
     outputs = check_outputs(recipe, out_dir=out, report=report)
+    if final is not None:
+        known = model_names(recipe)
+        if final not in known:
+            raise RecipeError(f"final={final!r} names no model of the recipe; the sources and "
+                              f"steps are {known}")
+    seed = recipe_seed(recipe)
     start = time.perf_counter()
     data = load_data(recipe.data, recipe) if recipe.data else None
+    notes = []
     if data is not None:
         echo(f"data: {recipe.data.source}: {len(data.x_train)} train / {len(data.x_test)} test")
+        note = split_note(recipe.data)
+        if note is not None:
+            notes.append(note)
+            echo(f"note: {note}")
     for line in unsafe_warnings(recipe):
         if warn is None:
             warnings.warn(line, UserWarning, stacklevel=2)
@@ -366,12 +430,14 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
     for name, spec in recipe.models.items():
         models[name] = kmerge.load(**recipe.load_args(name))
         echo(f"loaded {name}: {spec.path}")
-    result = RunResult(models=models, sources=list(recipe.models), data=data)
+    result = RunResult(models=models, sources=list(recipe.models), data=data, notes=notes,
+                       seed=seed)
     targets = {t.step: t for t in outputs.saves}
     staged = _Staged()
     try:
         for i, step in enumerate(recipe.steps):
             t0 = time.perf_counter()
+            seed_step(seed)
             name = _step(i, step, models, data, result, echo, staged, targets)
             builds = step.kind in BUILDS
             if builds:
@@ -382,12 +448,12 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
             from kmerge.report import write_report
 
             staged.report_existed = outputs.report.exists()
-            final = result.final or result.sources[-1]
+            chosen = final or result.final or result.sources[-1]
             # each model gets the test data shaped for its own inputs
             xs = {n: inputs_for(m, data.x_test) for n, m in models.items()}
             result.report = write_report(outputs.report, models=models, x=xs, y=data.y_test,
-                                         final=final, sources=result.sources,
-                                         verify=result.verify)
+                                         final=chosen, sources=result.sources,
+                                         verify=result.verify, notes=result.notes)
             staged.report = outputs.report
         for model_name, target in staged.commit():
             result.saved[model_name] = target
@@ -463,6 +529,15 @@ class _Staged:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def model_names(recipe: Recipe) -> list[str]:
+    """Every model a run of ``recipe`` has: the sources, then each building step's name."""
+    names = list(recipe.models)
+    for i, step in enumerate(recipe.steps):
+        if step.kind in BUILDS:
+            names.append(getattr(step, "name", None) or f"step_{i}")
+    return names
+
+
 def _step(i: int, step, models: dict, data: Data | None, result: RunResult,
           echo: Callable[[str], None], staged: _Staged, targets: dict) -> str:
     """Run one step; returns its name."""
@@ -470,19 +545,20 @@ def _step(i: int, step, models: dict, data: Data | None, result: RunResult,
 
     kind = step.kind
     name = getattr(step, "name", None) or f"step_{i}"
+    seed = result.seed
     if kind == "sequential":
         models[name] = kmerge.sequential({m: models[m] for m in step.models},
                                          adapter=step.adapter, freeze=freeze_arg(step.freeze),
                                          name=name)
     elif kind == "parallel":
         models[name] = kmerge.parallel(
-            {m: models[m] for m in step.models}, combine=step.combine, head=build_head(step.head),
+            {m: models[m] for m in step.models}, combine=step.combine, head=build_head(step.head, seed),
             freeze=freeze_arg(step.freeze), weights=step.weights, output=step.output,
             share_inputs=step.share_inputs, adapter=step.adapter, name=name)
     elif kind == "fuse":
         models[name] = kmerge.fuse(
             {m: (models[m], refs) for m, refs in step.taps.items()}, combine=step.combine,
-            head=build_head(step.head), pooling=step.pooling, freeze=freeze_arg(step.freeze),
+            head=build_head(step.head, seed), pooling=step.pooling, freeze=freeze_arg(step.freeze),
             share_inputs=step.share_inputs, adapter=step.adapter, name=name)
     elif kind == "weights":
         train = (data.x_train, data.y_train) if data is not None else None
@@ -494,21 +570,23 @@ def _step(i: int, step, models: dict, data: Data | None, result: RunResult,
     elif kind == "fit_head":
         m = models[step.model]
         kmerge.fit_head(m, inputs_for(m, data.x_train), data.y_train, epochs=step.epochs,
-                        batch_size=step.batch_size, cache=step.cache, verbose=0)
+                        batch_size=step.batch_size, cache=step.cache, verbose=0, seed=seed)
     elif kind == "fine_tune":
         m = models[step.model]
         kmerge.fine_tune(m, inputs_for(m, data.x_train), data.y_train,
                          unfreeze=step.unfreeze, learning_rate=step.learning_rate,
-                         epochs=step.epochs, batch_size=step.batch_size)
+                         epochs=step.epochs, batch_size=step.batch_size, seed=seed,
+                         verbose=0)
     elif kind == "distill":
         teachers = [step.teacher] if isinstance(step.teacher, str) else step.teacher
         teacher = models[teachers[0]] if len(teachers) == 1 else [models[t] for t in teachers]
-        student = kmerge.students.like(models[step.student.like], width=step.student.width)
+        student = kmerge.students.like(models[step.student.like], width=step.student.width,
+                                       seed=seed)
         first = models[teachers[0]]
         models[name] = kmerge.distill(
             teacher, student, inputs_for(first, data.x_train), y=data.y_train,
             temperature=step.temperature, alpha=step.alpha, epochs=step.epochs,
-            batch_size=step.batch_size)
+            batch_size=step.batch_size, seed=seed, verbose=0)
     elif kind == "verify":
         m = models[step.model]
         meta = meta_of(m) or {}

@@ -48,7 +48,13 @@ from kmerge.training.losses import (
     infer_loss,
 )
 from kmerge.training.spill import Spool
-from kmerge.training.split import checked_walk, frozen_submodel, split, trainable_submodel
+from kmerge.training.split import (
+    checked_walk,
+    frozen_submodel,
+    no_new_nodes,
+    split,
+    trainable_submodel,
+)
 
 __all__ = ["fit_head", "fine_tune", "choose_layers", "StaleCacheWarning"]
 
@@ -79,7 +85,13 @@ def _extract(extractor: keras.Model | None, src: Source, *, mode: str, folder, d
         total = math.ceil(src.n / CHUNK)
     elif src.dataset is not None:
         total = len(src.dataset)
-    bar = keras.utils.Progbar(total, unit_name="batch") if verbose else None
+    bar = None
+    if verbose:
+        what = "caching frozen features" if label == "train" else f"caching {label} features"
+        if extractor is None:
+            what = "reading the training data"
+        print(f"{what}{'' if total is None else f' ({total} batches)'}", flush=True)
+        bar = keras.utils.Progbar(total, unit_name="batch")
     for k, (xs, y, sw) in enumerate(src.batches()):
         if extractor is None:
             feats = xs
@@ -239,6 +251,9 @@ def fit_head(
                 folder.append(tempfile.mkdtemp(prefix="kmerge-cache-"))
             return folder[0]
 
+        # the sub-models call the model's own layers: their nodes go when training ends
+        nodes = no_new_nodes(model)
+        nodes.__enter__()
         try:
             t0 = time.perf_counter()
             if cache is None:
@@ -292,10 +307,13 @@ def fit_head(
                                       callbacks=list(callbacks or []), verbose=verbose,
                                       shuffle=False)
             if train_model is not model:
-                # Leave the full model ready for evaluate/predict with the loss it trained on.
-                model.compile(optimizer=fresh_optimizer(optimizer), loss=loss,
-                              metrics=list(metrics or []))
+                # Leave the full model ready for evaluate/predict with the loss it trained on,
+                # and with the optimizer state it trained with (built for the full model's
+                # variables: a saved model reloads it without a mismatch).
+                hand_over_optimizer(model, train_model.optimizer, optimizer, loss=loss,
+                                    metrics=metrics)
         finally:
+            nodes.__exit__(None, None, None)
             if folder:
                 shutil.rmtree(folder[0], ignore_errors=True)
         history.set_model(model)
@@ -308,6 +326,32 @@ def fit_head(
             "devices": devices,
         }
         return history
+
+
+def hand_over_optimizer(model: keras.Model, trained: keras.optimizers.Optimizer,
+                        optimizer: Any, *, loss: Any, metrics: Any) -> None:
+    """Compile ``model`` with a copy of ``optimizer`` built for ``model``'s trainable
+    variables, holding the state of ``trained`` (which trained the same variables through a
+    sub-model): iteration count, learning rate and every slot (Adam's moments, ...).
+
+    The optimizer state is then what ``model.fit`` on the whole model would have left, and a
+    saved model reloads it with ``keras.models.load_model`` (Keras rebuilds the optimizer for
+    the model's trainable variables and loads the saved state by position). Slots are matched
+    by name (Keras names a slot after its variable's path); a slot without a match keeps its
+    fresh value.
+    """
+    opt = fresh_optimizer(optimizer)
+    model.compile(optimizer=opt, loss=loss, metrics=list(metrics or []))
+    opt.build(model.trainable_variables)
+    if trained is None or not getattr(trained, "built", False):
+        return
+    by_name: dict[str, Any] = {}
+    for v in trained.variables:
+        by_name[v.name] = None if v.name in by_name else v  # ambiguous names: not copied
+    for v in opt.variables:
+        t = by_name.get(v.name)
+        if t is not None and tuple(t.shape) == tuple(v.shape) and t.dtype == v.dtype:
+            v.assign(t.value)
 
 
 def _plain_fit(model, src, x, *, epochs, validation_data, callbacks, verbose, optimizer, loss,

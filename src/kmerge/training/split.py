@@ -7,11 +7,14 @@ in training mode (:func:`kmerge.graph.inference.is_random`), and reads only froz
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 
+from kmerge import _keras
 from kmerge.errors import InvalidModelError
 from kmerge.graph import inference
 from kmerge.graph.replay import Walk, is_graph_model, replay, run_source_ops, submodel, walk
@@ -112,3 +115,47 @@ def trainable_submodel(model: keras.Model, s: Split) -> keras.Model:
     return keras.Model(inputs[0] if len(inputs) == 1 else inputs,
                        outputs[0] if len(outputs) == 1 else outputs,
                        name=f"{model.name}_trainable_part")
+
+
+def _graph_operations(model: keras.Model) -> list:
+    """Every operation of ``model``'s graph at any depth: layers, nested models, their input
+    layers and ``keras.ops`` operations."""
+    seen: dict[int, Any] = {}
+    stack = [model]
+    while stack:
+        op = stack.pop()
+        if id(op) in seen:
+            continue
+        seen[id(op)] = op
+        if isinstance(op, keras.layers.Layer):
+            stack.extend(_keras.sublayers(op))
+        stack.extend(getattr(op, "_operations", None) or [])  # Functional: ops and inputs
+        functional = getattr(op, "_functional", None)  # a built Sequential's graph
+        if functional is not None:
+            stack.append(functional)
+    return [op for op in seen.values() if hasattr(op, "_inbound_nodes")]
+
+
+@contextlib.contextmanager
+def no_new_nodes(model: keras.Model) -> Iterator[None]:
+    """Leave ``model``'s graph as it was: the call nodes that sub-models built inside the
+    body add to ``model``'s operations are removed when it ends (also on failure).
+
+    ``fit_head`` trains a sub-model made of the model's own trainable layers, which calls them
+    a second time; without this, every head layer would keep a second inbound node (and
+    ``plot_model`` would draw the cache's ``boundary_*`` inputs), and a layer's ``output``
+    would be ambiguous. Sub-models built in the body keep working: a Functional model runs
+    through its own node list, not its layers'.
+
+    Why private: ``_inbound_nodes`` / ``_outbound_nodes`` are where Keras records a call of an
+    operation in a graph; nodes are only ever appended, so truncating the lists to their
+    length before the body removes exactly the nodes the body added.
+    """
+    ops = _graph_operations(model)
+    lengths = [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in ops]
+    try:
+        yield
+    finally:
+        for op, n_in, n_out in lengths:
+            del op._inbound_nodes[n_in:]
+            del op._outbound_nodes[n_out:]
