@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,88 +25,314 @@ from kmerge.metadata import meta_of
 HEADS = ("classifier", "regressor")
 
 
+_DATA_NAMES = {"digits": "sklearn:digits", "wine": "sklearn:wine",
+               "breast_cancer": "sklearn:breast_cancer", "mnist_sample": "mnist_sample"}
+_MODEL_HELP = ("a .keras or .h5 file, a SavedModel directory, or ARCH.json+WEIGHTS (a "
+               "model.to_json() architecture and its save_weights file)")
+
+
+def _paragraphs(text: str) -> str:
+    """Wrap each blank-line separated paragraph of ``text`` (descriptions are shown raw)."""
+    import shutil
+
+    width = min(88, shutil.get_terminal_size().columns - 2)  # argparse's own width
+    paras = [" ".join(p.split()) for p in textwrap.dedent(text).strip().split("\n\n")]
+    return "\n\n".join(textwrap.fill(p, width=width) for p in paras)
+
+
+def _global_options(subcommand: bool) -> argparse.ArgumentParser:
+    """``--debug`` and ``-q``, accepted before and after the subcommand with one meaning (a
+    subcommand's copy has no default, so it never resets what was given before it)."""
+    g = argparse.ArgumentParser(add_help=False)
+    extra = {"default": argparse.SUPPRESS} if subcommand else {}
+    g.add_argument("--debug", action="store_true", help="show tracebacks for errors", **extra)
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="print only results, warnings and errors (no progress lines)", **extra)
+    return g
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
+    return value
+
+
+def _data_args(sp: argparse.ArgumentParser, *, train: bool) -> None:
+    """``--data`` and its options: the data sources and options of a recipe's ``data:``."""
+    g = sp.add_argument_group("data", _paragraphs(
+        "A recipe's data: a built-in data set or a file, split into a training and a test set."
+        if not train else
+        "Train the merge's new parts (head, trainable adapters, learned combine) with fit_head "
+        "on the training split, print the test scores of the sources and the merge, then "
+        "save."))
+    data = g.add_mutually_exclusive_group() if train else g
+    data.add_argument(
+        "--data", metavar="DATA",
+        help="digits, wine, breast_cancer, mnist_sample (also sklearn:digits, ...), or a .npz "
+             "(arrays x, y [, x_test, y_test]) or .csv (header row, label column y) file")
+    if train:
+        data.add_argument("--untrained", action="store_true",
+                          help="without --data: save a merge with untrained parts as it is "
+                               "(refused otherwise)")
+    g.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe data: key (repeatable): test_size=0.3, shape=8,8,1, "
+                        "scale=255, noise=0.1, x=NAME, y=NAME, x_test=NAME, y_test=NAME")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="seeds the split" + (", the new layers' initial weights and the batch "
+                                             "order" if train else "") + " (default 0)")
+    if train:
+        g.add_argument("--epochs", type=_positive_int,
+                       help="training epochs (default 10; needs --data)")
+        g.add_argument("--batch-size", type=_positive_int,
+                       help="training batch size (default 32; needs --data)")
+        g.add_argument("--validation-split", type=_fraction, metavar="FRACTION",
+                       help="hold out this last fraction of the training split to report "
+                            "validation scores (default 0; needs --data)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="kmerge", description="Merge trained Keras models.",
-        epilog="A MODEL is a .keras or .h5 file, a SavedModel directory, or ARCH.json+WEIGHTS "
-               "(a model.to_json() architecture and its save_weights file). Exit codes: 0 ok, "
-               "1 error (one 'error: ...' line), 2 usage, 130 interrupted.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    p.add_argument("--quiet", "-q", action="store_true", help="print only errors and results")
+        prog="kmerge", parents=[_global_options(False)],
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+            prog, max_help_position=30),
+        description=_paragraphs("""
+            Merge trained Keras models: side by side (parallel), by tapping intermediate
+            layers (fuse), one after another (sequential), or in weight space (weights); check
+            the result bit-exactly (verify); or do all of it from a YAML recipe (run).
+            `kmerge COMMAND --help` describes each command, with examples."""),
+        epilog=_paragraphs(f"""
+            A MODEL is {_MODEL_HELP}. Exit codes: 0 ok, 1 error (one 'error: ...' line), 2
+            usage, 130 interrupted. -q and --debug go before or after the command.""")
+        + "\n\nexamples:\n  kmerge demo --out models\n"
+          "  kmerge parallel models/model_a.h5 models/model_b.keras -o merged.keras "
+          "--head classifier:10:64 --data digits\n  kmerge run examples/parallel.yaml -q")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    glob = _global_options(True)
 
-    demo = sub.add_parser("demo", help="train two models on digits, merge them three ways")
-    demo.add_argument("--out", help="directory for the demo's files (default: a temp dir)")
-    demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    def command(name: str, summary: str, description: str, examples: str):
+        sp = sub.add_parser(name, help=summary, description=_paragraphs(description),
+                            epilog="examples:\n" + "\n".join(
+                                "  " + line
+                                for line in textwrap.dedent(examples).strip().splitlines()),
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            parents=[glob])
+        sp.set_defaults(_parser=sp)
+        return sp
 
-    ins = sub.add_parser("inspect", help="layers, shapes, parameters, repairs, tap points")
-    ins.add_argument("model", help="a .keras, .h5 file, SavedModel directory or "
-                                   "ARCH.json+WEIGHTS")
-    ins.add_argument("--json", action="store_true", help="print JSON")
+    demo = command("demo", "train two models on digits, merge them three ways", """
+        Train two different small models on scikit-learn's digits and save them (model_a.h5,
+        model_b.keras, model_c.h5, denoiser.keras), merge them in parallel, by fusion and in
+        sequence, train the heads, verify the frozen sources bit-exactly, and print a table of
+        test accuracy. The saved models are the inputs of the examples and of the other
+        commands' examples.""", """
+        kmerge demo --out models
+        kmerge demo --out models --epochs 5""")
+    demo.add_argument("--out", metavar="DIR",
+                      help="directory for the demo's files (default: a temporary directory)")
+    demo.add_argument("--epochs", type=_positive_int, default=20,
+                      help="training epochs of the demo models (default 20)")
+
+    ins = command("inspect", "layers, shapes, parameters, repairs, tap points", """
+        Load a model as kmerge does and print its format, the Keras version that saved it, the
+        repairs applied while loading, a table of its layers (names, nested paths, output
+        shapes, parameters) and suggested tap points for `kmerge fuse`.""", """
+        kmerge inspect models/model_b.keras
+        kmerge inspect models/model_a.h5 --json""")
+    ins.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    ins.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ins.add_argument("--unsafe", action="store_true",
-                     help="load with safe_mode=False (only for files you trust)")
+                     help="load with safe_mode=False: Lambda layers run their Python code "
+                          "(only for files you trust)")
 
     def merge_common(sp):
-        sp.add_argument("-o", "--output", required=True, help="where to save the merge (.keras)")
-        sp.add_argument("--overwrite", action="store_true", help="replace an existing output")
-        sp.add_argument("--no-freeze", action="store_true", help="leave the sources trainable")
-        sp.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+        g = sp.add_argument_group("output")
+        g.add_argument("-o", "--output", metavar="OUT",
+                       help="where to save the merge (.keras); required unless --dry-run")
+        g.add_argument("--overwrite", action="store_true", help="replace an existing OUT "
+                       "(never a source file)")
+        g.add_argument("--dry-run", action="store_true",
+                       help="print the plan (branches, shapes, parameters), load no weights "
+                            "into a new model, write nothing")
+        sp.add_argument("--no-freeze", action="store_true",
+                        help="leave the sources trainable (by default they are frozen and "
+                             "reproduce their outputs bit-exactly)")
+        _data_args(sp, train=True)
 
-    seq = sub.add_parser("sequential", help="chain models: each output feeds the next")
-    seq.add_argument("models", nargs="+", metavar="MODEL")
-    seq.add_argument("--adapter", choices=("auto", "none"), default="auto")
+    seq = command("sequential", "chain models: each output feeds the next", """
+        Chain models: the first model's output feeds the second, and so on (a feature
+        extractor and a classifier, a denoiser and a classifier). Where shapes differ an
+        adapter is inserted and reported (--adapter auto): Flatten/Reshape, pooling, Resizing,
+        or a trainable Dense projection.
+
+        A trainable adapter is untrained: give --data to train it (fit_head on the training
+        split, then a table of test scores) or --untrained to save it as it is.""", """
+        kmerge sequential models/denoiser.keras models/model_b.keras -o chain.keras
+        kmerge sequential models/model_a.h5 models/model_b.keras -o chain.keras --data digits --epochs 5""")
+    seq.add_argument("models", nargs="+", metavar="MODEL",
+                     help="two or more models, in order (" + _MODEL_HELP + ")")
+    seq.add_argument("--adapter", choices=("auto", "none"), default="auto",
+                     help="auto: insert adapters where shapes differ (default); none: refuse")
     merge_common(seq)
 
-    par = sub.add_parser("parallel", help="models side by side, outputs combined")
-    par.add_argument("models", nargs="+", metavar="MODEL")
-    par.add_argument("--combine", default="concat", help="combine op (kmerge list combine-ops)")
-    par.add_argument("--head", help="classifier:N[:H1,H2] or regressor:N[:H1,...]")
-    par.add_argument("--weights", help="comma-separated weights for --combine weighted")
-    par.add_argument("--adapter", choices=("auto", "none"), default="none")
+    par = command("parallel", "models side by side, outputs combined", """
+        Run models side by side on the same input and combine their outputs (--combine), with
+        an optional trainable head on top (--head). The sources are frozen: only the head, a
+        learned combine (learned_weights, gate) and adapters train.
+
+        A merge with untrained parts is saved only after training (--data) or with
+        --untrained. With --data the command trains those parts with fit_head on the training
+        split and prints the test accuracy of every source and of the merge before saving.""",
+        """
+        kmerge parallel models/model_a.h5 models/model_b.keras -o merged.keras --head classifier:10:64 --data digits
+        kmerge parallel models/model_a.h5 models/model_b.keras -o avg.keras --combine average""")
+    par.add_argument("models", nargs="+", metavar="MODEL",
+                     help="two or more models (" + _MODEL_HELP + ")")
+    par.add_argument("--combine", default="concat", metavar="OP",
+                     help="how outputs are combined (default concat; kmerge list combine-ops)")
+    par.add_argument("--head", metavar="SPEC",
+                     help="a trainable head: classifier:N[:H1,H2,...] (N classes, hidden "
+                          "sizes) or regressor:N[:H1,...]")
+    par.add_argument("--weights", metavar="W1,W2",
+                     help="comma-separated weights, one per model, for --combine weighted")
+    par.add_argument("--adapter", choices=("auto", "none"), default="none",
+                     help="auto: project unequal outputs to the first one's shape for "
+                          "element-wise ops; none: refuse (default)")
     merge_common(par)
 
-    fus = sub.add_parser("fuse", help="tap intermediate layers, fuse them, add a head")
-    fus.add_argument("taps", nargs="+", metavar="MODEL:LAYER[,LAYER]")
-    fus.add_argument("--combine", default="concat")
-    fus.add_argument("--head", help="classifier:N[:H1,H2] or regressor:N[:H1,...]")
-    fus.add_argument("--pooling", choices=("auto", "avg", "max", "none"), default="auto")
+    fus = command("fuse", "tap intermediate layers, fuse them, add a head", """
+        Feature fusion: tap intermediate layers of each model (MODEL:LAYER, several as
+        MODEL:L1,L2), pool spatial maps to vectors (--pooling), combine them and add a head.
+        Layers are names, indices (-2) or nested paths (block_1/conv); `kmerge inspect MODEL`
+        lists them.
+
+        A head is untrained: give --data to train it (fit_head on the training split, then a
+        table of test scores) or --untrained to save it as it is.""", """
+        kmerge fuse models/model_a.h5:-2 models/model_b.keras:conv2d_1 -o fused.keras --head classifier:10 --data digits
+        kmerge fuse models/model_a.h5:-2 models/model_b.keras:1,-3 --head classifier:10 --dry-run""")
+    fus.add_argument("taps", nargs="+", metavar="MODEL:LAYER[,LAYER]",
+                     help="a model and the layers to tap: names, indices or nested paths")
+    fus.add_argument("--combine", default="concat", metavar="OP",
+                     help="how tapped features are combined (default concat)")
+    fus.add_argument("--head", metavar="SPEC",
+                     help="classifier:N[:H1,H2,...] or regressor:N[:H1,...]")
+    fus.add_argument("--pooling", choices=("auto", "avg", "max", "none"), default="auto",
+                     help="reduce spatial/sequence taps to vectors (default auto: average)")
     merge_common(fus)
 
-    wts = sub.add_parser("weights", help="weight-space merge of same-architecture models")
-    wts.add_argument("models", nargs="+", metavar="MODEL")
-    wts.add_argument("--method", required=True, help="merge method (kmerge list methods)")
-    wts.add_argument("--base", help="the pretrained base model (task arithmetic, TIES, DARE)")
-    wts.add_argument("--align", choices=("weights", "activations"))
+    wts = command("weights", "weight-space merge of same-architecture models", """
+        Merge models of one architecture into one model of that architecture: averaging
+        (linear), slerp, task arithmetic, TIES, DARE, Fisher, RegMean, greedy soup. --align
+        permutes hidden units to match the first model before merging; --repair recomputes
+        normalisation statistics afterwards.
+
+        --data gives the data that fisher, regmean, greedy_soup, --align activations and
+        --repair need (its training split); with labels the accuracy of every source and of
+        the result is recorded in the model and printed on the test split.""", """
+        kmerge weights models/model_a.h5 models/model_c.h5 -o soup.keras --method linear
+        kmerge weights models/model_a.h5 models/model_c.h5 -o soup.keras --method linear --align weights --repair repair --data digits""")
+    wts.add_argument("models", nargs="+", metavar="MODEL",
+                     help="two or more models of one architecture (" + _MODEL_HELP + ")")
+    wts.add_argument("--method", required=True,
+                     help="merge method (kmerge list methods)")
+    wts.add_argument("--base", metavar="MODEL",
+                     help="the pretrained base model (task_arithmetic, ties, dare)")
+    wts.add_argument("--align", choices=("weights", "activations"),
+                     help="permute hidden units to match the first model first "
+                          "(activations needs --data)")
+    wts.add_argument("--repair", choices=("bn", "repair"),
+                     help="after merging, recompute BatchNorm statistics (bn) or REPAIR "
+                          "statistics (repair) on --data")
     wts.add_argument("--param", action="append", default=[], metavar="K=V",
                      help="method parameter, e.g. --param density=0.2 (repeatable)")
-    wts.add_argument("-o", "--output", required=True)
-    wts.add_argument("--overwrite", action="store_true")
+    g = wts.add_argument_group("output")
+    g.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="where to save the result (.keras)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (never a source file)")
+    _data_args(wts, train=False)
 
-    for name, text in (("run", "run a YAML recipe"), ("validate", "check a recipe, load nothing"),
-                       ("plan", "validate a recipe and print each merge's plan")):
-        r = sub.add_parser(name, help=text)
-        r.add_argument("recipe")
+    recipes = {
+        "run": ("run a YAML recipe", """
+            Run a YAML recipe: load its models and data, execute its steps in order (merge,
+            train, verify, evaluate, save). Everything is checked before any work, and outputs
+            appear only when every step succeeded: a failed run writes nothing.""", """
+            kmerge run examples/parallel.yaml
+            kmerge run examples/parallel.yaml -o out --report out/report -q"""),
+        "validate": ("check a recipe, load nothing", """
+            Check a whole recipe without loading a model or importing Keras: keys, names,
+            references, combine ops, methods and their parameters, files, and every output the
+            run would write.""", """
+            kmerge validate examples/parallel.yaml
+            kmerge validate examples/parallel.yaml -o out --report out/report"""),
+        "plan": ("validate a recipe and print each merge's plan", """
+            Validate a recipe, load its models and print the plan of each merge step
+            (branches, shapes, parameters, adapters) and the other steps' settings; trains and
+            writes nothing.""", """
+            kmerge plan examples/fuse.yaml"""),
+    }
+    for name, (summary, description, examples) in recipes.items():
+        r = command(name, summary, description, examples)
+        r.add_argument("recipe", metavar="RECIPE", help="a YAML recipe file (kmerge schema)")
         if name in ("run", "validate"):  # validate checks the outputs run would write
-            r.add_argument("-o", "--output-dir",
-                           help="save outputs here (an existing folder) instead of the recipe's "
-                                "paths")
-            r.add_argument("--report", metavar="DIR", help="write report.md, figures, report.json")
+            r.add_argument("-o", "--output-dir", metavar="DIR",
+                           help="save outputs here (an existing folder) instead of the "
+                                "recipe's paths")
+            r.add_argument("--report", metavar="DIR",
+                           help="write report.md, figures and report.json here (needs data:)")
 
-    ver = sub.add_parser("verify", help="check a saved merge against its source files")
-    ver.add_argument("merged")
-    ver.add_argument("sources", nargs="+", metavar="[NAME=]PATH")
-    ver.add_argument("--json", action="store_true")
+    ver = command("verify", "check a saved merge against its source files", """
+        Check that a saved merge reproduces its frozen sources bit-exactly on probe inputs.
+        Name each source as it is named in the merge (NAME=PATH), or give the path the merge
+        recorded. Prints a table of checks; exit 1 when a check fails.""", """
+        kmerge verify merged.keras models/model_a.h5 models/model_b.keras
+        kmerge verify merged.keras model_a=copy_of_a.h5 model_b=models/model_b.keras --json""")
+    ver.add_argument("merged", metavar="MERGED", help="a merge saved by kmerge")
+    ver.add_argument("sources", nargs="+", metavar="[NAME=]PATH",
+                     help="its sources, by the merge's name for them or by recorded path")
+    ver.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    lst = sub.add_parser("list", help="list methods, combine ops or heads")
-    lst.add_argument("what", choices=("methods", "combine-ops", "heads"))
+    lst = command("list", "list methods, combine ops or heads, with descriptions", """
+        List the weight-merge methods, the combine ops or the heads, each with a one-line
+        description.""", """
+        kmerge list methods
+        kmerge list combine-ops""")
+    lst.add_argument("what", choices=("methods", "combine-ops", "heads"),
+                     help="what to list")
 
-    sub.add_parser("schema", help="print the recipe JSON Schema")
+    command("schema", "print the recipe JSON Schema", """
+        Print the JSON Schema of a recipe (for editors and validators).""", """
+        kmerge schema > recipe.schema.json""")
     return p
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def parse_head(text: str | None):
-    """``classifier:10:64,32`` -> ``kmerge.heads.classifier(10, hidden=[64, 32])``."""
+def parse_head(text: str | None, seed: int = 0):
+    """``classifier:10:64,32`` -> ``kmerge.heads.classifier(10, hidden=[64, 32])``; ``seed``
+    seeds its initializers."""
     if not text:
         return None
     parts = text.split(":")
@@ -120,7 +347,7 @@ def parse_head(text: str | None):
     import kmerge
 
     try:
-        return getattr(kmerge.heads, parts[0])(units, hidden=hidden)
+        return getattr(kmerge.heads, parts[0])(units, hidden=hidden, seed=seed)
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(f"--head {text!r}: {exc}") from None
 
@@ -221,17 +448,193 @@ def _load_all(paths: dict[str, str]) -> dict:
     return {n: _load_one(p) for n, p in paths.items()}
 
 
-def _finish(model, args, echo) -> int:
+def _data_spec(args):
+    """The recipe ``DataSpec`` for ``--data``/``--data-option``/``--seed`` (None without
+    ``--data``)."""
+    from pydantic import ValidationError
+
+    from kmerge.recipe import DataSpec
+
+    if not args.data:
+        if args.data_option:
+            raise InvalidArgumentError("--data-option needs --data")
+        return None
+    fields = {"source": _DATA_NAMES.get(args.data, args.data), "seed": args.seed}
+    allowed = [k for k in DataSpec.model_fields if k not in ("source", "seed")]
+    for item in args.data_option:
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed:
+            raise InvalidArgumentError(
+                f"--data-option {item!r}: use KEY=VALUE with KEY one of {', '.join(allowed)}")
+        if key == "shape":
+            try:
+                fields[key] = [int(v) for v in value.split(",")]
+            except ValueError:
+                raise InvalidArgumentError(f"--data-option {item!r}: shape takes integers, "
+                                           "e.g. shape=8,8,1") from None
+        elif key in ("test_size", "scale", "noise"):
+            try:
+                fields[key] = float(value)
+            except ValueError:
+                raise InvalidArgumentError(f"--data-option {item!r}: {key} takes a number") \
+                    from None
+        else:
+            fields[key] = value
+    try:
+        return DataSpec(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"]
+            for e in exc.errors())
+        names = ", ".join(_DATA_NAMES)
+        raise InvalidArgumentError(f"--data {args.data}: {problems} (built-in: {names})") \
+            from None
+
+
+class _Here:
+    """What ``runner.load_data`` needs of a recipe: data files relative to the working
+    directory."""
+
+    @staticmethod
+    def path_of(relative: str) -> Path:
+        return Path(relative).expanduser()
+
+
+def _load_data(args, echo):
+    """``--data`` loaded and split exactly as a recipe's ``data:`` (None without it)."""
+    spec = _data_spec(args)
+    if spec is None:
+        return None
+    from kmerge.runner import load_data
+
+    data = load_data(spec, _Here())
+    echo(f"data: {spec.source}: {len(data.x_train)} train / {len(data.x_test)} test")
+    return data
+
+
+def _check_training_args(args) -> None:
+    """Training options without ``--data`` would be ignored: refuse them."""
+    given = [flag for flag, value in (("--epochs", args.epochs),
+                                      ("--batch-size", args.batch_size),
+                                      ("--validation-split", args.validation_split))
+             if value is not None]
+    if given and not args.data:
+        raise InvalidArgumentError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} "
+                                   "--data (the data to train on), e.g. --data digits")
+
+
+def untrained_parts(model) -> list[str]:
+    """Names of the layers kmerge added to ``model`` (head, trainable adapters, learned
+    combine weights or gate) that have trainable weights: they start from random or uniform
+    values and need training. Source layers (trained, also when not frozen) are not listed."""
+    meta = meta_of(model) or {}
+    source_layers = {name for src in meta.get("sources", {}).values()
+                     for name in src.get("layers", [])}
+    return [layer.name for layer in model.layers
+            if layer.trainable_weights and layer.name not in source_layers]
+
+
+def _short_list(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _train(model, data, args, echo) -> None:
+    """``kmerge.fit_head`` on the training split (last ``--validation-split`` held out)."""
+    import time
+
+    import kmerge
+    from kmerge.runner import inputs_for
+
+    parts = untrained_parts(model)
+    if not model.trainable_weights:
+        echo("nothing to train (no head, trainable adapter or learned combine): "
+             "evaluating only")
+        return
+    x, y = data.x_train, data.y_train
+    validation = None
+    if args.validation_split:
+        n_val = int(round(len(x) * args.validation_split))
+        if n_val < 1 or n_val >= len(x):
+            raise InvalidArgumentError(
+                f"--validation-split {args.validation_split} leaves {len(x) - n_val} training "
+                f"and {n_val} validation examples of {len(x)}; choose another fraction")
+        x, y, xv, yv = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
+        validation = (inputs_for(model, xv), yv)
+    epochs = args.epochs or 10
+    what = _short_list(parts) if parts else "the unfrozen sources"
+    echo(f"training {what}: {epochs} epochs on {len(x)} examples"
+         + (f" ({len(validation[1])} held out for validation)" if validation else ""))
+    t0 = time.perf_counter()
+    history = kmerge.fit_head(model, inputs_for(model, x), y, epochs=epochs,
+                              batch_size=args.batch_size or 32, validation_data=validation,
+                              seed=args.seed, verbose=0)
+    last = ", ".join(f"{k} {v[-1]:.4f}" for k, v in history.history.items() if v)
+    echo(f"trained in {time.perf_counter() - t0:.1f} s: {last}")
+
+
+def _evaluate(model, sources: dict, data, label: str) -> None:
+    """The test scores of every source whose output is comparable and of ``model`` (a
+    result: printed also with ``-q``)."""
+    from kmerge.runner import format_scores, score
+
+    want = tuple(model.outputs[0].shape[1:]) if len(model.outputs) == 1 else None
+    scores, skipped = {}, []
+    for name, src in sources.items():
+        outs = getattr(src, "outputs", None) or []
+        if len(outs) != 1 or tuple(outs[0].shape[1:]) != want:
+            skipped.append(f"{name} (its output is not the merge's)")
+            continue
+        try:
+            scores[name] = score(src, data)
+        except InvalidArgumentError:  # its input does not take the data (a later chain link)
+            skipped.append(f"{name} (its input does not take the data)")
+    scores[label] = score(model, data)
+    print(format_scores(scores, classification=data.classification))
+    if skipped:
+        print(f"not scored: {', '.join(skipped)}")
+
+
+def _finish(model, args, echo, sources: dict, data) -> int:
+    """Print the plan (``--dry-run``), or train and evaluate (``--data``), refuse untrained
+    parts (neither ``--data`` nor ``--untrained``), and save."""
     import kmerge
 
     if args.dry_run:
         print(model)
         return 0
-    saved = kmerge.save(model, args.output, overwrite=args.overwrite)
     for step in meta_of(model).get("adapters", []):
         echo(f"adapter {step['where']}: {step['step']}")
-    echo(f"saved {saved}")
+    parts = untrained_parts(model)
+    if data is not None:
+        _train(model, data, args, echo)
+        _evaluate(model, sources, data, "merged")
+    elif parts and not args.untrained:
+        raise InvalidArgumentError(
+            f"not saving {args.output}: the merge has untrained parts ({_short_list(parts)}); "
+            "pass --data DATA to train them first (a built-in name such as digits, or a .npz "
+            "or .csv file), or --untrained to save it as it is")
+    saved = kmerge.save(model, args.output, overwrite=args.overwrite)
+    if parts and data is None:
+        _warn(f"saved {saved} with untrained parts ({_short_list(parts)}): train them "
+              "before use (this command with --data, or kmerge.fit_head)")
+    else:
+        echo(f"saved {saved}")
     return 0
+
+
+def _prepare(args, echo, sources: Sequence[str]):
+    """Checks before any work (output, training options), ``--seed``, and the data."""
+    _check_training_args(args)
+    if args.dry_run:
+        return None
+    _check_output(args.output, args.overwrite, sources)
+    data = _load_data(args, echo)
+    if data is not None or args.untrained:  # a merge that is saved: seed its new layers
+        import keras
+
+        keras.utils.set_random_seed(args.seed)
+    return data
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -256,25 +659,23 @@ def _inspect(args, echo) -> int:
 def _sequential(args, echo) -> int:
     import kmerge
 
-    if not args.dry_run:
-        _check_output(args.output, args.overwrite, args.models)
+    data = _prepare(args, echo, args.models)
     models = _load_all(_names(args.models))
     m = kmerge.sequential(models, adapter=args.adapter, freeze=not args.no_freeze,
                           dry_run=args.dry_run)
-    return _finish(m, args, echo)
+    return _finish(m, args, echo, models, data)
 
 
 def _parallel(args, echo) -> int:
     import kmerge
 
     weights = parse_weights(args.weights)
-    head = parse_head(args.head)
-    if not args.dry_run:
-        _check_output(args.output, args.overwrite, args.models)
+    head = parse_head(args.head, args.seed)
+    data = _prepare(args, echo, args.models)
     models = _load_all(_names(args.models))
     m = kmerge.parallel(models, combine=args.combine, head=head, freeze=not args.no_freeze,
                         weights=weights, adapter=args.adapter, dry_run=args.dry_run)
-    return _finish(m, args, echo)
+    return _finish(m, args, echo, models, data)
 
 
 def _fuse(args, echo) -> int:
@@ -287,27 +688,40 @@ def _fuse(args, echo) -> int:
             raise InvalidArgumentError(f"tap {tap!r}: use MODEL:LAYER or MODEL:LAYER1,LAYER2")
         refs = [int(r) if r.lstrip("-").isdigit() else r for r in layers.split(",")]
         pairs.append((path, refs))
-    head = parse_head(args.head)
-    if not args.dry_run:
-        _check_output(args.output, args.overwrite, [p for p, _ in pairs])
+    head = parse_head(args.head, args.seed)
+    data = _prepare(args, echo, [p for p, _ in pairs])
     names = _names([p for p, _ in pairs])
     models = _load_all(names)
     taps = {n: (models[n], refs if len(refs) > 1 else refs[0])
             for n, (_, refs) in zip(names, pairs)}
     m = kmerge.fuse(taps, combine=args.combine, head=head, pooling=args.pooling,
                     freeze=not args.no_freeze, dry_run=args.dry_run)
-    return _finish(m, args, echo)
+    return _finish(m, args, echo, models, data)
 
 
 def _weights(args, echo) -> int:
+    import warnings
+
     import kmerge
 
     params = parse_params(args.param, args.method)
     _check_output(args.output, args.overwrite, [*args.models, *([args.base] if args.base else [])])
-
-    models = [_load_one(p) for p in args.models]
+    data = _load_data(args, echo)
+    sources = _names(args.models)
+    models = {n: _load_one(p) for n, p in sources.items()}
     base = _load_one(args.base) if args.base else None
-    m = kmerge.merge_weights(models, method=args.method, base=base, align=args.align, **params)
+    train = (data.x_train, data.y_train) if data is not None else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = kmerge.merge_weights(list(models.values()), method=args.method, base=base,
+                                 align=args.align, repair=args.repair, data=train, **params)
+    for w in caught:  # kmerge's own warnings (a collapsed merge) as warning lines
+        if type(w.message).__module__.startswith("kmerge"):
+            _warn(_one_line(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if data is not None:
+        _evaluate(m, models, data, "merged")
     echo(f"saved {kmerge.save(m, args.output, overwrite=args.overwrite)}")
     return 0
 
@@ -413,19 +827,77 @@ def _print_report(report, as_json: bool) -> None:
         print(report)
 
 
-def _list(args, echo) -> int:
-    if args.what == "combine-ops":
+#: One line per combine op (kmerge.graph.combine registers them as lambdas and Keras layers,
+#: which carry no description of their own); a test keeps it equal to the registry.
+COMBINE_DESCRIPTIONS = {
+    "add": "element-wise sum (equal shapes)",
+    "average": "element-wise mean (equal shapes)",
+    "concat": "concatenate along the last axis (shapes may differ there)",
+    "gate": "trainable input-dependent softmax gate over the branches (a small mixture of "
+            "experts; starts uniform)",
+    "learned_weights": "one trainable softmax weight per branch (starts at the plain average)",
+    "maximum": "element-wise maximum (equal shapes)",
+    "minimum": "element-wise minimum (equal shapes)",
+    "multiply": "element-wise product (equal shapes)",
+    "stack": "stack the branches on a new axis (equal shapes)",
+    "weighted": "fixed weighted sum, --weights W1,W2,... (normalised to sum 1)",
+}
+
+
+def _summary(doc: str | None) -> str:
+    """The first paragraph of a docstring on one line, without reST markup."""
+    first = (doc or "").strip().split("\n\n")[0].replace("``", "")
+    return " ".join(re.sub(r":\w+:`~?([^`]*)`", r"\1", first).split())
+
+
+def _docstring(module: str, function: str) -> str:
+    """The docstring of ``module.function``, read from its source without importing it
+    (``kmerge list`` never imports Keras)."""
+    import ast
+    import importlib.util
+
+    origin = importlib.util.find_spec(module).origin
+    tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            return ast.get_docstring(node) or ""
+    return ""
+
+
+def descriptions(what: str) -> dict[str, str]:
+    """``kmerge list``: each name with its one-line description, from the registries'
+    docstrings (methods, heads) or :data:`COMBINE_DESCRIPTIONS`."""
+    if what == "combine-ops":
         from kmerge.recipe import COMBINE_OPS
 
-        names = list(COMBINE_OPS)
-    elif args.what == "heads":
-        names = list(HEADS)
-    else:
-        from kmerge.recipe import WEIGHT_EXTRA_METHODS
-        from kmerge.weights.methods import merge_methods
+        return {n: COMBINE_DESCRIPTIONS.get(n, "") for n in COMBINE_OPS}
+    if what == "heads":
+        return {n: _summary(_docstring("kmerge.graph.heads", n))
+                + f" [--head {n}:N[:H1,H2,...]]" for n in HEADS}
+    import inspect
 
-        names = sorted([*merge_methods.names(), *WEIGHT_EXTRA_METHODS])
-    print("\n".join(names))
+    from kmerge.recipe import WEIGHT_EXTRA_METHODS
+    from kmerge.weights.methods import merge_methods, supplied_params
+
+    out = {}
+    for name in merge_methods.names():
+        fn = merge_methods.get(name)
+        supplied = supplied_params(fn)
+        needs = [flag for flag, wanted in (("--base", "base" in supplied and supplied["base"]),
+                                           ("--data", {"fishers", "grams"} & set(supplied)))
+                 if wanted]
+        out[name] = _summary(inspect.getdoc(fn)) + (f" [needs {', '.join(needs)}]"
+                                                    if needs else "")
+    for name in WEIGHT_EXTRA_METHODS:  # methods of merge_weights itself (_greedy_soup, ...)
+        out[name] = _summary(_docstring("kmerge.weights.apply", f"_{name}")) + \
+            " [needs --data with labels]"
+    return dict(sorted(out.items()))
+
+
+def _list(args, echo) -> int:
+    items = descriptions(args.what)
+    width = max(map(len, items))
+    print("\n".join(f"{name.ljust(width)}  {text}".rstrip() for name, text in items.items()))
     return 0
 
 
@@ -472,10 +944,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+_KERAS_FREE = {"list", "schema", "validate"}  # commands that never import Keras
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "dry_run", True) is False and not args.output:  # a merge command
+            args._parser.error("the following arguments are required: -o/--output (or "
+                               "--dry-run to print the plan only)")
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
 
@@ -484,6 +962,10 @@ def _main(argv: Sequence[str] | None) -> int:
             print(text)
 
     try:
+        if args.command not in _KERAS_FREE:
+            from kmerge._backend import choose_backend
+
+            choose_backend()  # an installed backend, whatever keras.json says (one-line note)
         code = _COMMANDS[args.command](args, echo)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
