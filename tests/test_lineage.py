@@ -103,3 +103,26 @@ def test_the_weights_file_of_a_json_architecture_is_protected(tmp_path):
     model = kmerge.load(arch, weights=weights)
     merged = kmerge.merge_weights([model, kmerge.load(arch, weights=weights)], method="linear")
     _refuses(merged, Path(weights))
+
+
+@pytest.mark.parametrize("fmt", [".keras", ".h5"])
+def test_sources_loaded_with_plain_keras_are_recognised_by_their_weights(tmp_path, fmt):
+    paths = [tmp_path / f"a{fmt}", tmp_path / f"b{fmt}", tmp_path / f"base{fmt}"]
+    for i, p in enumerate(paths):
+        mlp(seed=i).save(p)
+    a, b, base = (keras.models.load_model(p, compile=False) for p in paths)  # no path recorded
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    made = {
+        "parallel": kmerge.parallel({"a": a, "b": b}, combine="average"),
+        "merge": kmerge.merge_weights([a, b], method="task_arithmetic", base=base),
+        "merge of merge": kmerge.merge_weights(
+            [kmerge.merge_weights([a, b], method="linear"), a], method="linear"),
+        "student": kmerge.distill([a, b], mlp(seed=7, hidden=4), x, epochs=1, seed=0,
+                                  verbose=0),
+    }
+    for what, model in made.items():
+        for p in (paths[:2] if what != "merge" else paths):
+            _refuses(model, p)
+        out = tmp_path / f"{what.replace(' ', '_')}{fmt}"
+        kmerge.save(model, out)
+        kmerge.save(model, out, overwrite=True)  # its own earlier save may be replaced

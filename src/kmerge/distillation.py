@@ -22,7 +22,7 @@ from kmerge.arguments import integer, model_inputs, number
 from kmerge.arguments import labels as check_targets
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph.rebuild import check_model
-from kmerge.metadata import attach, lineage, meta_of
+from kmerge.metadata import attach, derivation, meta_of
 from kmerge.training.guard import unchanged_on_failure
 
 __all__ = ["distill", "teacher_logits"]
@@ -248,7 +248,7 @@ def distill(
             if swap:
                 out_layer.activation = saved
     meta = meta_of(student) or {}
-    attach(student, {**meta, "source_paths": lineage(student, *teachers), "distill": {
+    attach(student, {**meta, **derivation(*teachers, result=student), "distill": {
         "teachers": [t.name for t in teachers],
         "temperature": float(temperature),
         "alpha": float(alpha),

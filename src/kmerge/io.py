@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kmerge.errors import InvalidArgumentError, InvalidModelError, ModelLoadError, SaveError
-from kmerge.metadata import attach, lineage, localized, meta_of, portable
+from kmerge.metadata import attach, fingerprint, lineage, localized, meta_of, portable
 
 __all__ = ["LoadInfo", "load", "load_info", "save", "SAVE_SUFFIXES"]
 
@@ -710,6 +710,44 @@ def _source_paths(model: Any) -> set[Path]:
     return {Path(s) for s in lineage(model)}
 
 
+def _is_recorded_source(model: Any, target: Path) -> bool:
+    """Whether the model file ``target`` holds the weights of one of ``model``'s sources, by
+    the fingerprints kmerge records (read only when replacing a file with recorded sources)."""
+    recorded = (meta_of(model) or {}).get("source_fingerprints")
+    if not isinstance(recorded, list) or not recorded:
+        return False
+    return file_fingerprint(target) in set(recorded)
+
+
+def file_fingerprint(path: Path) -> str | None:
+    """:func:`kmerge.metadata.fingerprint` of the layer weights stored in a saved model
+    (``.keras`` or ``.h5``; optimizer state left out); None when it cannot be read."""
+    import tempfile
+
+    import h5py
+
+    arrays: list = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and not name.startswith(("optimizer", "metrics")):
+            arrays.append(obj[()])
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf, tempfile.TemporaryFile() as tmp:
+                with zf.open("model.weights.h5") as member:
+                    shutil.copyfileobj(member, tmp, 1 << 22)  # spilled to disk, not memory
+                tmp.seek(0)
+                with h5py.File(tmp, "r") as f:
+                    f.visititems(visit)
+        else:
+            with h5py.File(path, "r") as f:
+                (f["model_weights"] if "model_weights" in f else f).visititems(visit)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return fingerprint(arrays)
+
+
 def save(model: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save ``model`` atomically as ``.keras`` (default) or legacy ``.h5``.
 
@@ -772,6 +810,10 @@ def _save(model: Any, p: Path, *, overwrite: bool) -> Path:
     if target.exists() and not overwrite:
         raise SaveError(f"{target}: already exists; pass overwrite=True to replace it, or choose "
                         "another path")
+    if target.is_file() and _is_recorded_source(model, target):
+        raise SaveError(f"{target}: holds the weights of a model this one was made from (a "
+                        "source loaded with plain Keras: kmerge knows its weights, not its "
+                        "path); kmerge never overwrites a source: choose another path")
     meta = meta_of(model)
     meta_json = None
     if meta is not None:

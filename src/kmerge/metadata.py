@@ -8,9 +8,13 @@ travels with the model through :func:`kmerge.save` / :func:`kmerge.load`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 _ATTR = "_kmerge_meta"
 
@@ -69,11 +73,6 @@ def lineage(*models: Any) -> list[str]:
     return sorted({str(Path(p).expanduser().resolve()) for p in paths})
 
 
-def inherit(model: Any, *parents: Any) -> Any:
-    """Add the lineage of ``parents`` to ``model``'s metadata (created if missing)."""
-    meta = dict(meta_of(model) or {})
-    meta["source_paths"] = lineage(model, *parents)
-    return attach(model, meta)
 
 
 _RELATIVE = "source_paths_relative"
@@ -104,3 +103,57 @@ def localized(meta: dict, folder: Path) -> dict:
     paths = [q for q in meta.get("source_paths", []) if isinstance(q, str)]
     extra = [str((folder / q).resolve()) for q in rel if isinstance(q, str) and q]
     return {**meta, "source_paths": sorted(set(paths) | set(extra))}
+
+
+def fingerprint(arrays: Iterable[Any]) -> str | None:
+    """One digest of a model's weights, independent of names and order: the sorted digests of
+    its floating-point arrays with more than one element (kernels, biases, statistics; not
+    step counters or seed states). The same weights give the same fingerprint in memory and in
+    any file format. None when there is nothing to fingerprint."""
+    digests = []
+    for a in arrays:
+        a = np.asarray(a)
+        if a.dtype.kind != "f" or a.size < 2:
+            continue
+        h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=16)
+        h.update(np.ascontiguousarray(a).tobytes())
+        digests.append(h.hexdigest())
+    if not digests:
+        return None
+    return hashlib.blake2b("".join(sorted(digests)).encode(), digest_size=16).hexdigest()
+
+
+def model_fingerprint(model: Any) -> str | None:
+    import keras
+
+    return fingerprint(keras.ops.convert_to_numpy(v.value) for v in model.weights)
+
+
+def fingerprints(*models: Any) -> list[str]:
+    """The weight fingerprints of ``models`` and of everything they derive from (recorded in
+    their metadata): how :func:`kmerge.save` recognises a source it has no path for (a model
+    loaded with plain ``keras.models.load_model``)."""
+    out: set[str] = set()
+    for model in models:
+        if model is None:
+            continue
+        own = model_fingerprint(model)
+        if own:
+            out.add(own)
+        recorded = (meta_of(model) or {}).get("source_fingerprints", [])
+        if isinstance(recorded, list):
+            out.update(f for f in recorded if isinstance(f, str))
+    return sorted(out)
+
+
+def derivation(*models: Any, result: Any = None) -> dict:
+    """What a model made from ``models`` records about them: ``source_paths`` (files) and
+    ``source_fingerprints`` (weights), each through every earlier kmerge operation. ``result``
+    is a model changed in place (a distilled student, a repaired merge): its files and records
+    are kept, but not its own current weights (saving it twice must stay possible)."""
+    prints = set(fingerprints(*models))
+    if result is not None:
+        recorded = (meta_of(result) or {}).get("source_fingerprints", [])
+        if isinstance(recorded, list):
+            prints.update(f for f in recorded if isinstance(f, str))
+    return {"source_paths": lineage(result, *models), "source_fingerprints": sorted(prints)}

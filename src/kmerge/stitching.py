@@ -23,7 +23,7 @@ from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, TapErro
 from kmerge.graph import compiled
 from kmerge.graph.rebuild import Copier, LayerRef, check_model, input_specs, rebuild
 from kmerge.graph.replay import Call, is_graph_model, replay, resolve_ref, submodel, walk
-from kmerge.metadata import attach, lineage, own_path
+from kmerge.metadata import attach, derivation, own_path
 from kmerge.training.losses import check_loss, check_verbose
 
 __all__ = ["stitch", "rebuild_from"]
@@ -293,7 +293,7 @@ def stitch(
             "a": {"frozen": True, "layer": str(ref_a), "path": own_path(a)},
             "b": {"frozen": True, "layer": str(ref_b), "path": own_path(b)},
         },
-        "source_paths": lineage(a, b),
+        **derivation(a, b),
         "stitch": {
             "at": [str(ref_a), str(ref_b)],
             "layers": [la.name for la in layers],

@@ -17,7 +17,7 @@ from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph import adapters as _adapters
 from kmerge.graph.rebuild import Rebuilt, check_model, input_specs, rebuild
 from kmerge.graph.replay import tensor_ref, walk
-from kmerge.metadata import attach, lineage, own_path
+from kmerge.metadata import attach, derivation, own_path
 from kmerge.verification import verify as check
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -297,7 +297,7 @@ class GraphBuilder:
             "adapters": self.adapters,
             "combine": self.combine_name,
             "head": self.head,
-            "source_paths": lineage(*self.sources.values()),
+            **derivation(*self.sources.values()),
             "notes": [f"{n}: {note}" for n, r in self.rebuilt.items() for note in r.notes],
         }
         attach(model, meta)

@@ -32,7 +32,7 @@ import numpy as np
 from kmerge.arguments import integer, model_inputs
 from kmerge.errors import InvalidArgumentError, InvalidModelError
 from kmerge.graph.rebuild import check_model, is_graph_model
-from kmerge.metadata import attach, lineage
+from kmerge.metadata import attach, derivation
 from kmerge.weights.matching import activation_matching, weight_matching
 from kmerge.weights.spec import Spec, check_same, layer_weights, permuted, spec_walk
 
@@ -86,7 +86,7 @@ def random_permute(model: keras.Model, *, seed: int = 0) -> keras.Model:
     rng = np.random.default_rng(seed)
     perms = {g: rng.permutation(spec.groups[g].size) for g in spec.active()}
     new = _model_with(model, permuted(spec, _arrays(model), perms))
-    attach(new, {"kind": "random_permute", "source_paths": lineage(model),
+    attach(new, {"kind": "random_permute", **derivation(model),
                                              "perms": [perms[g].tolist() for g in perms]})
     return new
 
@@ -198,7 +198,7 @@ def align(
     new = _model_with(other, permuted(spec, other_arrays, perms))
     attach(new, {
         "kind": "align",
-        "source_paths": lineage(other, reference),
+        **derivation(other, reference),
         "method": method,
         "groups": spec.describe(),
         "fenced": list(spec.fenced),

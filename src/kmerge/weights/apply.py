@@ -24,7 +24,7 @@ from kmerge.errors import (
     InvalidArgumentError,
     InvalidModelError,
 )
-from kmerge.metadata import attach, lineage
+from kmerge.metadata import attach, derivation
 from kmerge.weights.methods import merge_methods, supplied_params
 from kmerge.weights.statistics import dense_grams, fisher_diagonals, predict_numpy
 from kmerge.weights.validate import (
@@ -319,7 +319,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
     base_model = as_model(base, "base") if base is not None else None
     check_compatible(loaded + ([base_model] if base_model is not None else []),
                      names + (["base"] if base_model is not None else []))
-    ancestry = lineage(*loaded, base_model)
+    ancestry = derivation(*loaded, base_model)
     x, y = _checked_data(loaded[0], x, y)
     if align_fn is not None:
         loaded = [loaded[0]] + [align_fn(loaded[0], m, method=align, data=x) for m in loaded[1:]]
@@ -348,7 +348,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         "params": {p: o for p, _, o in compiled_params}, "exclude": [p for p, _ in excl],
         "weights": norm_w, "align": align, "repair": repair,
         "source_names": [m.name for m in loaded],
-        "source_paths": ancestry,
+        **ancestry,
         "excluded_variables": sorted(excluded),
         "copied_non_float": [p for p, f in zip(paths, float_vars) if not f],
     }

@@ -27,7 +27,7 @@ import numpy as np
 from kmerge.errors import InvalidArgumentError, InvalidModelError
 from kmerge.graph.rebuild import check_model, is_graph_model
 from kmerge.graph.replay import submodel
-from kmerge.metadata import attach, lineage, meta_of
+from kmerge.metadata import attach, derivation, meta_of
 from kmerge.weights.matching import run_taps, tap_model
 from kmerge.weights.spec import SpecWalk, check_same, spec_walk
 
@@ -276,7 +276,7 @@ def repair(
     meta = meta_of(merged)
     meta = dict(meta) if isinstance(meta, dict) else {"kind": "repair"}
     meta["repair"] = info
-    meta["source_paths"] = lineage(merged, *(sources or []))
+    meta.update(derivation(*(sources or []), result=merged))
     attach(merged, meta)
     return merged
 
