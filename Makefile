@@ -1,11 +1,12 @@
 # Everything a fresh machine needs: `make demo`, `make test` (BACKEND=jax|tensorflow|torch).
+# `make examples` runs examples/*.yaml; `make test-fresh` follows README.md in a fresh venv.
 PYTHON ?= python3
 VENV := .venv
 BACKEND ?= jax
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all test-oldest bench lint clean
+.PHONY: demo examples test test-fresh test-all test-oldest bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +17,29 @@ $(VENV)/.ready-%: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev,$*]"
 	touch $@
 
+# The demo writes its models where examples/*.yaml read them.
+DEMO_DIR := examples/models
+
 demo: $(VENV)/.ready-jax
-	KERAS_BACKEND=jax $(BIN)/kmerge demo
+	KERAS_BACKEND=jax $(BIN)/kmerge demo --out $(DEMO_DIR)
+
+$(DEMO_DIR)/model_a.h5: | $(VENV)/.ready-jax
+	KERAS_BACKEND=jax $(BIN)/kmerge demo --out $(DEMO_DIR)
+
+# Every example recipe, on the demo's models (made first if missing); outputs in examples/out/.
+examples: $(VENV)/.ready-jax $(DEMO_DIR)/model_a.h5
+	for r in examples/*.yaml; do echo "=== kmerge run $$r"; \
+	  KERAS_BACKEND=jax $(BIN)/kmerge run $$r || exit 1; done
 
 test: $(VENV)/.ready-$(BACKEND)
 	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# README.md's Quickstart and "Using kmerge", command by command, in a copy of this tree with a
+# fresh venv and a fresh HOME (minutes; needs the package index). FRESH=full also runs
+# `make test`'s whole suite there (by default it runs tests/test_recipe.py).
+FRESH ?= 1
+test-fresh: $(VENV)/.ready-jax
+	KMERGE_FRESH_VENV=$(FRESH) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fresh_venv.py
 
 # The oldest Keras pyproject.toml admits ("keras>=X"), on jax, in a venv of its own.
 KERAS_OLDEST := $(shell sed -n 's/.*"keras>=\([0-9.]*\)".*/\1/p' pyproject.toml)

@@ -506,3 +506,110 @@ def test_json_weights_are_an_input(tmp_path):
                                 files=("a.json", "w.h5")))
     assert recipe.load_args("a") == {"path": tmp_path / "a.json", "safe_mode": True,
                                      "weights": tmp_path / "w.h5"}
+
+
+# -- every problem at once; missing demo models; the reference's types ------------------------
+def test_all_problems_are_reported_numbered(tmp_path):
+    text = (GOOD.replace("combine: concat", "combine: concatt")
+            .replace("{kind: verify, model: merged}", "{kind: verify, model: mergd}")
+            .replace("b: {path: b.keras}", "b: {path: missing.keras}"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_write(tmp_path, text))
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{tmp_path / 'recipe.yaml'}: 3 problems"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["1. models.b.path",
+                                                                   "2. steps[0].combine",
+                                                                   "3. steps[1].model"]
+    assert "Did you mean 'concat'?" in lines[2] and "Did you mean 'merged'?" in lines[3]
+    assert [where for where, _ in info.value.problems] == ["models.b.path", "steps[0].combine",
+                                                           "steps[1].model"]
+
+
+def test_all_schema_problems_are_reported(tmp_path):
+    text = """
+    models:
+      a: {path: a.keras, safe_mode: off}
+    data: {source: "sklearn:digits", test_size: 2}
+    steps:
+      - {kind: parallel, models: [a, a], combine: concat, colour: red}
+      - {kind: fit_head, model: step_0}
+    """
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_write(tmp_path, text))
+    wheres = [where for where, _ in info.value.problems]
+    assert wheres == ["models.a.safe_mode", "data.test_size", "steps[0].colour",
+                      "steps[1].epochs"], wheres
+    assert "1. models.a.safe_mode: must be true or false" in str(info.value)
+
+
+def test_one_problem_keeps_the_one_line_form(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_write(tmp_path, GOOD.replace("combine: concat", "combine: concatt")))
+    assert str(info.value).startswith(f"{tmp_path / 'recipe.yaml'}: steps[0].combine: unknown")
+    assert "\n" not in str(info.value)
+
+
+def test_output_problems_are_all_reported(tmp_path):
+    from kmerge.recipe import check_outputs
+
+    text = GOOD + "  - {kind: save, model: merged, path: out2.keras}\n"
+    recipe = load_recipe(_write(tmp_path, text))
+    (tmp_path / "out.keras").write_bytes(b"")
+    (tmp_path / "out2.keras").mkdir()
+    with pytest.raises(RecipeError) as info:
+        check_outputs(recipe)
+    assert [w for w, _ in info.value.problems] == ["steps[2].path", "steps[3].path"]
+    assert "exists; add 'overwrite: true'" in str(info.value) and "is a directory" in str(info.value)
+
+
+def test_missing_demo_model_says_how_to_make_it(tmp_path, monkeypatch):
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    (examples / "parallel.yaml").write_text((EXAMPLES / "parallel.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as info:
+        load_recipe("examples/parallel.yaml")
+    msg = str(info.value)
+    assert "2 problems" in msg
+    assert ("models.a.path: file 'models/model_a.h5' does not exist (looked for "
+            "examples/models/model_a.h5: relative paths start at the recipe's folder, examples)"
+            ) in msg
+    assert "`kmerge demo --out examples/models` writes it (from a kmerge clone, `make demo` does)" in msg
+
+
+def test_missing_other_file_names_where_it_looked(tmp_path):
+    text = GOOD.replace("b: {path: b.keras}", "b: {path: sub/b.keras}")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_write(tmp_path, text))
+    msg = str(info.value)
+    assert f"looked for {tmp_path / 'sub' / 'b.keras'}" in msg or "looked for sub/b.keras" in msg
+    assert "demo" not in msg
+
+
+def test_demo_files_are_the_examples_models():
+    """Every model an example reads is one the demo writes (so the hint above is right)."""
+    from kmerge.demo import FILES
+
+    for example in EXAMPLES.glob("*.yaml"):
+        recipe = load_recipe(example, check_files=False)
+        for spec in recipe.models.values():
+            assert Path(spec.path).parent == Path("models") and Path(spec.path).name in FILES
+
+
+def test_reference_types_read_as_written():
+    from typing import Annotated, Literal
+
+    from pydantic import Field, PositiveInt
+
+    from kmerge.recipe import _type_text, reference_markdown
+
+    # pydantic versions differ in how they hand constraints back: both forms read the same
+    assert _type_text(list[PositiveInt]) == "list[int > 0]"
+    assert _type_text(list[Annotated[int, Field(gt=0)]]) == "list[int > 0]"
+    assert _type_text(Annotated[float, Field(ge=0.0, lt=1.0)]) == "float >= 0.0 and < 1.0"
+    assert _type_text(Literal["a", "b"] | None) == "'a' | 'b' | None"
+    assert _type_text(dict[str, str | int] | None) == "dict[str, str | int] | None"
+    doc = reference_markdown()
+    for junk in ("Annotated", "FieldInfo", "Optional", "typing", "Literal", "<class"):
+        assert junk not in doc
+    assert "| `hidden` | `list[int > 0]` | [] |" in doc

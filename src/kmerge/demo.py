@@ -12,6 +12,11 @@ import numpy as np
 
 from kmerge.metadata import meta_of
 
+#: The models the demo writes, in its output folder: the files examples/*.yaml read from
+#: examples/models (``make demo`` writes them there). ``merged_parallel.keras`` is its merge.
+FILES = ("model_a.h5", "model_b.keras", "model_c.h5", "denoiser.keras")
+MERGED = "merged_parallel.keras"
+
 
 def digits(seed: int = 0):
     """Digits as 8x8x1 images in [0, 1]: (x_train, x_test, y_train, y_test)."""
@@ -81,17 +86,28 @@ def run(out_dir: str | None = None, *, epochs: int = 20, seed: int = 0, echo=pri
     rng = np.random.default_rng(seed)
     noisy_tr = np.clip(x_tr + rng.normal(0, 0.35, x_tr.shape), 0, 1).astype("float32")
     noisy_te = np.clip(x_te + rng.normal(0, 0.35, x_te.shape), 0, 1).astype("float32")
+    temporary = out_dir is None
     work = Path(out_dir or tempfile.mkdtemp(prefix="kmerge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
 
-    echo(f"training two models on digits ({len(x_tr)} train / {len(x_te)} test) ...")
+    def wrote(path: Path, what: str) -> None:
+        written.append(path)
+        echo(f"wrote {path}: {what}")
+
+    echo(f"writing the demo's files to {work}"
+         + (" (a new temporary folder; --out DIR chooses one)" if temporary else ""))
+    echo(f"training four models on digits ({len(x_tr)} train / {len(x_te)} test) ...")
     _fit(_mlp(), x_tr, y_tr, epochs=epochs).save(work / "model_a.h5")
+    wrote(work / "model_a.h5", "A, an MLP (Keras .h5)")
     keras.utils.set_random_seed(seed + 1)  # A's architecture, another seed: for weight merges
     _fit(_mlp(), x_tr, y_tr, epochs=epochs).save(work / "model_c.h5")
+    wrote(work / "model_c.h5", "C, A's architecture trained from another seed (weight merges)")
     _fit(_cnn(), x_tr, y_tr, epochs=epochs).save(work / "model_b.keras")
+    wrote(work / "model_b.keras", "B, a CNN")
     _fit(_denoiser(), noisy_tr, x_tr.reshape(len(x_tr), -1), epochs=epochs,
          loss="mse").save(work / "denoiser.keras")
-    echo(f"saved {work / 'model_a.h5'}, {work / 'model_b.keras'}, {work / 'denoiser.keras'}")
+    wrote(work / "denoiser.keras", "a denoiser of noisy digits (flat 64-vector output)")
 
     a = kmerge.load(work / "model_a.h5")
     b = kmerge.load(work / "model_b.keras")
@@ -122,7 +138,8 @@ def run(out_dir: str | None = None, *, epochs: int = 20, seed: int = 0, echo=pri
     rows["sequential denoiser -> B, noisy"] = _acc(seq, noisy_te, y_te)
 
     report = kmerge.verify(par, {"a": a, "b": b})
-    saved = kmerge.save(par, work / "merged_parallel.keras", overwrite=True)
+    saved = kmerge.save(par, work / MERGED, overwrite=True)
+    wrote(Path(saved), "the parallel merge, saved with kmerge.save")
     reloaded = keras.models.load_model(saved)
     same = np.array_equal(par.predict(x_te, verbose=0), reloaded.predict(x_te, verbose=0))
 
@@ -134,7 +151,10 @@ def run(out_dir: str | None = None, *, epochs: int = 20, seed: int = 0, echo=pri
         echo(f"{k.ljust(width)}  {v:.3f}")
     echo("")
     echo(f"frozen sources verified: {report.ok} ({len(report.checks)} tensors bit-exact)")
-    echo(f"saved {saved}; reloaded with keras.models.load_model: identical predictions: {same}")
+    echo(f"reloaded {Path(saved).name} with keras.models.load_model: identical predictions: "
+         f"{same}")
+    echo(f"files written ({len(written)}, left in {work}): "
+         + ", ".join(p.name for p in written))
     echo(f"demo took {time.perf_counter() - start:.0f} s (KERAS_BACKEND={keras.backend.backend()})")
     return {"accuracy": rows, "verified": report.ok, "reload_identical": same,
             "dir": os.fspath(work)}

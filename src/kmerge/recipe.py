@@ -260,6 +260,41 @@ def _fail(path: Path, where: str, msg: str) -> RecipeError:
     return RecipeError(f"{path}: {where}: {msg}")
 
 
+class _Problems:
+    """Every problem found in one recipe, reported together as one :class:`RecipeError`.
+
+    One problem reads ``FILE: KEY: message``; several read ``FILE: N problems`` followed by one
+    numbered line each (``1. KEY: message``). The error's ``problems`` attribute holds the
+    ``(key, message)`` pairs.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, where: str, msg: str) -> None:
+        if (where, msg) not in self.items:
+            self.items.append((where, msg))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def error(self) -> RecipeError:
+        if len(self.items) == 1:
+            where, msg = self.items[0]
+            err = _fail(self.path, where, msg)
+        else:
+            lines = [f"{self.path}: {len(self.items)} problems"]
+            lines += [f"  {i}. {where}: {msg}" for i, (where, msg) in enumerate(self.items, 1)]
+            err = RecipeError("\n".join(lines))
+        err.problems = list(self.items)
+        return err
+
+    def raise_any(self) -> None:
+        if self.items:
+            raise self.error()
+
+
 # -- reading YAML --------------------------------------------------------------------------------
 class _Refused(yaml.MarkedYAMLError):
     """YAML that is valid but not accepted in a recipe (an alias or an anchor)."""
@@ -320,27 +355,34 @@ def read_yaml(path: Path) -> Any:
                     "mappings and lists") from None
 
 
-def _validation_message(exc: ValidationError) -> tuple[str, str]:
-    """(key path, message) for the first problem pydantic found."""
+def _validation_messages(exc: ValidationError) -> list[tuple[str, str]]:
+    """(key path, message) for every problem pydantic found, one per key path."""
     errors = exc.errors()
-    err = errors[0]
-    where = _loc(tuple(err["loc"]))
+    groups: dict[str, list[dict]] = {}
+    for err in errors:
+        key = (_loc((*err["loc"], "kind")) if err["type"] == "union_tag_invalid"
+               else _loc(tuple(err["loc"])))
+        groups.setdefault(key, []).append(err)
+    return [(where, _group_message(where, same)) for where, same in groups.items()]
+
+
+def _group_message(where: str, same: list[dict]) -> str:
+    """The message for the errors pydantic reports at one key (a union reports one error per
+    member at the same key: say what each member wants)."""
+    err = same[0]
     given = err.get("input")
     if err["type"] == "extra_forbidden":
-        return where, f"unknown key {err['loc'][-1]!r}"
+        return f"unknown key {err['loc'][-1]!r}"
     if err["type"] == "union_tag_invalid":
         kind = given.get("kind") if isinstance(given, dict) else given
-        return (_loc((*err["loc"], "kind")),
-                f"unknown step kind {kind!r}; kinds are sequential, parallel, fuse, weights, "
+        return (f"unknown step kind {kind!r}; kinds are sequential, parallel, fuse, weights, "
                 "fit_head, fine_tune, distill, verify, evaluate, save")
-    # a union reports one error per member at the same key: say what each member wants
-    same = [e for e in errors if _loc(tuple(e["loc"])) == where]
     wants = []
     for e in same:
         if e["type"] == "bool_type":
             text = "true or false (a YAML boolean; yes, no, on, off, 0 and 1 are not)"
         elif e["type"] == "missing":
-            return where, "required key is missing"
+            return "required key is missing"
         else:
             text = e["msg"].removeprefix("Input should be ")
         if text not in wants:
@@ -351,14 +393,15 @@ def _validation_message(exc: ValidationError) -> tuple[str, str]:
         msg = f"{err['msg']}; got {given!r}"
     if where.endswith("safe_mode") and err["type"] == "bool_type":
         msg += " (safe_mode: false lets Lambda layers run their code: only for trusted files)"
-    return where, msg
+    return msg
 
 
 def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
     """Read and fully validate a recipe, without importing Keras.
 
     Raises:
-        RecipeError: naming the file and the key path of the first problem.
+        RecipeError: naming the file, and the key path of every problem found (one numbered
+            line each when there are several; ``.problems`` holds ``(key, message)`` pairs).
     """
     path = Path(path)
     if not path.is_file():
@@ -366,16 +409,19 @@ def load_recipe(path: str | Path, *, check_files: bool = True) -> Recipe:
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise _fail(path, "(top level)", "a recipe is a mapping with models, data and steps")
+    problems = _Problems(path)
     for key in _INTERNAL:
         if key in raw:
-            raise _fail(path, key, f"unknown key {key!r}")
+            problems.add(key, f"unknown key {key!r}")
     try:
-        recipe = Recipe.model_validate({**raw, "base_dir": str(path.parent),
-                                        "file": str(path)})
+        recipe = Recipe.model_validate({**{k: v for k, v in raw.items() if k not in _INTERNAL},
+                                        "base_dir": str(path.parent), "file": str(path)})
     except ValidationError as exc:
-        where, msg = _validation_message(exc)
-        raise _fail(path, where, msg) from None
-    _check_semantics(recipe, path, check_files=check_files)
+        for where, msg in _validation_messages(exc):
+            problems.add(where, msg)
+        raise problems.error() from None
+    _check_semantics(recipe, problems, check_files=check_files)
+    problems.raise_any()
     return recipe
 
 
@@ -386,42 +432,64 @@ def unsafe_warnings(recipe: Recipe) -> list[str]:
             for name, spec in recipe.models.items() if spec.safe_mode is False]
 
 
-def _check_semantics(recipe: Recipe, path: Path, *, check_files: bool) -> None:
+def _missing_file(recipe: Recipe, relative: str) -> str:
+    """Why a file the recipe names is missing, and how to make it when kmerge can."""
+    looked = _shown(recipe.path_of(relative))
+    msg = (f"file {relative!r} does not exist (looked for {looked}: relative paths start at "
+           f"the recipe's folder, {_shown(Path(recipe.base_dir))})")
+    from kmerge.demo import FILES
+
+    name = Path(relative).name
+    if name in FILES:
+        folder = _shown(recipe.path_of(relative).parent)
+        msg += (f". It is one of the demo's models: `kmerge demo --out {folder}` writes it"
+                + (" (from a kmerge clone, `make demo` does)"
+                   if Path(folder).as_posix().endswith("examples/models") else ""))
+    return msg
+
+
+def _shown(p: Path) -> str:
+    """``p`` relative to the working directory when it is below it, else absolute."""
+    full = os.path.abspath(p)
+    rel = os.path.relpath(full)
+    return rel if not rel.startswith("..") else full
+
+
+def _check_semantics(recipe: Recipe, problems: _Problems, *, check_files: bool) -> None:
+    """Names, references, files, methods and outputs; every problem goes to ``problems``."""
     known: list[str] = []
     for name, spec in recipe.models.items():
         if check_files and not recipe.path_of(spec.path).exists():
-            raise _fail(path, f"models.{name}.path", f"file {spec.path!r} does not exist "
-                        f"(relative paths start at {recipe.base_dir})")
+            problems.add(f"models.{name}.path", _missing_file(recipe, spec.path))
         is_json = spec.path.lower().endswith(".json")
         if is_json and spec.weights is None:
-            raise _fail(path, f"models.{name}.weights", f"{spec.path!r} is a JSON architecture "
-                        "(model.to_json()); add weights: PATH, the file written by "
-                        "model.save_weights()")
+            problems.add(f"models.{name}.weights", f"{spec.path!r} is a JSON architecture "
+                         "(model.to_json()); add weights: PATH, the file written by "
+                         "model.save_weights()")
         if spec.weights is not None and not is_json:
-            raise _fail(path, f"models.{name}.weights", f"{spec.path!r} holds its own weights; "
-                        "weights: is only for a .json architecture: drop it")
+            problems.add(f"models.{name}.weights", f"{spec.path!r} holds its own weights; "
+                         "weights: is only for a .json architecture: drop it")
         if check_files and spec.weights is not None \
                 and not recipe.path_of(spec.weights).exists():
-            raise _fail(path, f"models.{name}.weights", f"file {spec.weights!r} does not exist "
-                        f"(relative paths start at {recipe.base_dir})")
+            problems.add(f"models.{name}.weights", _missing_file(recipe, spec.weights))
         known.append(name)
     if recipe.data and recipe.data.source.endswith((".npz", ".csv")) and check_files:
         if not recipe.path_of(recipe.data.source).exists():
-            raise _fail(path, "data.source", f"file {recipe.data.source!r} does not exist")
+            problems.add("data.source", _missing_file(recipe, recipe.data.source))
 
     def ref(value: str, where: str) -> None:
         if value not in known:
             close = difflib.get_close_matches(value, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise _fail(path, where, f"{value!r} is not a model or an earlier step.{hint} "
-                        f"Known so far: {', '.join(known)}")
+            problems.add(where, f"{value!r} is not a model or an earlier step.{hint} "
+                         f"Known so far: {', '.join(known)}")
 
     needs_data = ("fit_head", "fine_tune", "distill", "evaluate")
     for i, step in enumerate(recipe.steps):
         at = f"steps[{i}]"
         kind = step.kind
         if kind in needs_data and recipe.data is None:
-            raise _fail(path, f"{at}.kind", f"step {kind!r} needs a data: section")
+            problems.add(f"{at}.kind", f"step {kind!r} needs a data: section")
         for field in ("models",):
             for j, m in enumerate(getattr(step, field, None) or []):
                 ref(m, f"{at}.{field}[{j}]")
@@ -440,20 +508,21 @@ def _check_semantics(recipe: Recipe, path: Path, *, check_files: bool) -> None:
         if kind in ("parallel", "fuse") and step.combine not in COMBINE_OPS:
             close = difflib.get_close_matches(step.combine, COMBINE_OPS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise _fail(path, f"{at}.combine", f"unknown combine op {step.combine!r}.{hint} "
-                        f"Valid: {', '.join(COMBINE_OPS)}")
+            problems.add(f"{at}.combine", f"unknown combine op {step.combine!r}.{hint} "
+                         f"Valid: {', '.join(COMBINE_OPS)}")
         if kind == "weights":
-            _check_method(step, path, at)
+            _check_method(step, problems, at)
         if kind in BUILDS:
             name = step.name or f"step_{i}"
             if name in known:
-                raise _fail(path, f"{at}.name", f"name {name!r} is already used")
-            known.append(name)
+                problems.add(f"{at}.name", f"name {name!r} is already used")
+            else:
+                known.append(name)
     # output paths against inputs and each other, as far as the recipe alone decides them
-    _resolve_outputs(recipe, path, out_dir=None, report=None)
+    _resolve_outputs(recipe, problems, out_dir=None, report=None)
 
 
-def _check_method(step: WeightsStep, path: Path, at: str) -> None:
+def _check_method(step: WeightsStep, problems: _Problems, at: str) -> None:
     """Method name and parameters, bound against the method's own signature."""
     from kmerge.weights.methods import merge_methods, user_params
 
@@ -461,8 +530,9 @@ def _check_method(step: WeightsStep, path: Path, at: str) -> None:
     if step.method not in names:
         close = difflib.get_close_matches(step.method, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise _fail(path, f"{at}.method", f"unknown method {step.method!r}.{hint} "
-                    f"Valid: {', '.join(sorted(names))}")
+        problems.add(f"{at}.method", f"unknown method {step.method!r}.{hint} "
+                     f"Valid: {', '.join(sorted(names))}")
+        return
     if step.method in WEIGHT_EXTRA_METHODS:
         return
     allowed = list(user_params(merge_methods.get(step.method)))
@@ -472,12 +542,13 @@ def _check_method(step: WeightsStep, path: Path, at: str) -> None:
     for where, params in overrides:
         for key, value in params.items():
             if key not in allowed:
-                raise _fail(path, f"{at}.{where}.{key}",
-                            f"method {step.method!r} has no parameter {key!r}; its parameters "
-                            f"are {', '.join(allowed) or 'none'}")
+                problems.add(f"{at}.{where}.{key}",
+                             f"method {step.method!r} has no parameter {key!r}; its parameters "
+                             f"are {', '.join(allowed) or 'none'}")
+                continue
             problem = param_problem(step.method, key, value)
             if problem:
-                raise _fail(path, f"{at}.{where}.{key}", problem)
+                problems.add(f"{at}.{where}.{key}", problem)
 
 
 _PARAM_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
@@ -561,9 +632,9 @@ def _save_target(recipe: Recipe, step: SaveStep, out_dir: Path | None) -> Path:
     return _absolute(p.parent) / p.name
 
 
-def _resolve_outputs(recipe: Recipe, path: Path, *, out_dir: Path | None,
+def _resolve_outputs(recipe: Recipe, problems: _Problems, *, out_dir: Path | None,
                      report: Path | None) -> Outputs:
-    """Every output path, refusing one that is an input or another output."""
+    """Every output path; one that is an input or another output goes to ``problems``."""
     from kmerge.io import SAVE_SUFFIXES
 
     inputs = _inputs(recipe)
@@ -583,17 +654,20 @@ def _resolve_outputs(recipe: Recipe, path: Path, *, out_dir: Path | None,
             continue
         where = f"steps[{i}].path"
         if Path(step.path).suffix.lower() not in ("", *SAVE_SUFFIXES):
-            raise _fail(path, where, f"cannot save {step.path!r}: use a path ending in "
-                        f"{', '.join(SAVE_SUFFIXES)} (.keras is recommended)")
+            problems.add(where, f"cannot save {step.path!r}: use a path ending in "
+                         f"{', '.join(SAVE_SUFFIXES)} (.keras is recommended)")
+            continue
         target = _save_target(recipe, step, out_dir)
         via = f" (with -o {out_dir})" if out_dir is not None else ""
         problem = clash(target)
         if problem:
-            raise _fail(path, where, f"{step.path!r}{via} writes {target}, which {problem}; a "
-                        "run never overwrites a source or any other input: choose another path")
+            problems.add(where, f"{step.path!r}{via} writes {target}, which {problem}; a "
+                         "run never overwrites a source or any other input: choose another path")
+            continue
         if target in by_path:
-            raise _fail(path, where, f"{step.path!r}{via} writes {target}, which "
-                        f"{by_path[target]} writes too; give each save its own path")
+            problems.add(where, f"{step.path!r}{via} writes {target}, which "
+                         f"{by_path[target]} writes too; give each save its own path")
+            continue
         by_path[target] = where
         saves.append(SaveTarget(i, step.model, target, step.overwrite))
     folder = None
@@ -601,20 +675,20 @@ def _resolve_outputs(recipe: Recipe, path: Path, *, out_dir: Path | None,
         folder = _absolute(Path(report))
         problem = clash(folder)
         if problem:
-            raise _fail(path, "--report", f"{report} {problem}; choose another folder")
+            problems.add("--report", f"{report} {problem}; choose another folder")
         for name in _report_files():
             f = folder / name
             problem = clash(f)
             if problem:
-                raise _fail(path, "--report", f"the report would write {f}, which {problem}; "
-                            "choose another folder")
+                problems.add("--report", f"the report would write {f}, which {problem}; "
+                             "choose another folder")
             if f in by_path:
-                raise _fail(path, "--report", f"the report would write {f}, which "
-                            f"{by_path[f]} writes too; choose another folder")
+                problems.add("--report", f"the report would write {f}, which "
+                             f"{by_path[f]} writes too; choose another folder")
         for target, where in by_path.items():
             if target == folder:
-                raise _fail(path, where, f"writes {target}, the --report folder; choose "
-                            "another path")
+                problems.add(where, f"writes {target}, the --report folder; choose "
+                             "another path")
     return Outputs(tuple(saves), folder, tuple(inputs))
 
 
@@ -643,48 +717,85 @@ def check_outputs(recipe: Recipe, *, out_dir: str | Path | None = None,
     ``overwrite: true``; a directory that cannot be created or written.
 
     Raises:
-        RecipeError: naming the recipe, the step or argument, the path and what to do.
+        RecipeError: naming the recipe, and for every problem the step or argument, the path
+            and what to do.
     """
-    path = Path(recipe.file or "recipe")
+    problems = _Problems(Path(recipe.file or "recipe"))
     if out_dir is not None:
         d = Path(out_dir)
         if not d.is_dir():
-            raise _fail(path, "-o", f"{d} is not an existing directory; create it first")
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise _fail(path, "-o", f"{d} is not writable")
+            problems.add("-o", f"{d} is not an existing directory; create it first")
+        elif not os.access(d, os.W_OK | os.X_OK):
+            problems.add("-o", f"{d} is not writable")
+    bad_out_dir = bool(problems)  # then every save target's folder is that one problem
     if report is not None and recipe.data is None:
-        raise _fail(path, "--report", "a report evaluates the models on test data, and this "
-                    "recipe has no data: section; add one, or drop --report")
-    outs = _resolve_outputs(recipe, path, out_dir=Path(out_dir) if out_dir is not None else None,
+        problems.add("--report", "a report evaluates the models on test data, and this "
+                     "recipe has no data: section; add one, or drop --report")
+    outs = _resolve_outputs(recipe, problems,
+                            out_dir=Path(out_dir) if out_dir is not None else None,
                             report=Path(report) if report is not None else None)
     for t in outs.saves:
         where = f"steps[{t.step}].path"
         if t.path.is_dir():
-            raise _fail(path, where, f"{t.path} is a directory; give a file path ending in .keras")
-        if t.path.exists() and not t.overwrite:
-            raise _fail(path, where, f"{t.path} exists; add 'overwrite: true' to the step to "
-                        "replace it, or choose another path")
-        problem = _creatable(t.path.parent)
+            problems.add(where, f"{t.path} is a directory; give a file path ending in .keras")
+        elif t.path.exists() and not t.overwrite:
+            problems.add(where, f"{t.path} exists; add 'overwrite: true' to the step to "
+                         "replace it, or choose another path")
+        problem = None if bad_out_dir else _creatable(t.path.parent)
         if problem:
-            raise _fail(path, where, f"cannot write {t.path}: {problem}")
+            problems.add(where, f"cannot write {t.path}: {problem}")
     if outs.report is not None:
         if outs.report.exists() and not outs.report.is_dir():
-            raise _fail(path, "--report", f"{outs.report} is a file; give a folder")
-        problem = _creatable(outs.report)
-        if problem:
-            raise _fail(path, "--report", f"cannot write {outs.report}: {problem}")
-        blocked = [n for n in _report_files() if (outs.report / n).is_dir()]
-        if blocked:
-            raise _fail(path, "--report", f"{outs.report} holds folders named {blocked}; the "
-                        "report writes files there: choose another folder")
+            problems.add("--report", f"{outs.report} is a file; give a folder")
+        else:
+            problem = _creatable(outs.report)
+            if problem:
+                problems.add("--report", f"cannot write {outs.report}: {problem}")
+            blocked = [n for n in _report_files() if (outs.report / n).is_dir()]
+            if blocked:
+                problems.add("--report", f"{outs.report} holds folders named {blocked}; the "
+                             "report writes files there: choose another folder")
+    problems.raise_any()
     return outs
 
 
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def _type_text(t: Any) -> str:
+    """A type as a reader of the reference writes it: ``list[int > 0]``, ``str | None``,
+    ``'auto' | 'none'`` (from the typing objects, whatever pydantic wraps them in)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if t is type(None):
+        return "None"
+    if t is Any:
+        return "Any"
+    if origin is Annotated:
+        base = _type_text(args[0])
+        metadata = []
+        for m in args[1:]:  # annotated_types.Gt(0), or a FieldInfo holding them
+            metadata += list(getattr(m, "metadata", None) or [m])
+        bounds = [f"{sign} {getattr(m, key)}" for m in metadata for key, sign in _BOUNDS
+                  if getattr(m, key, None) is not None]
+        return f"{base} {' and '.join(bounds)}" if bounds else base
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(_type_text(a) for a in args)}]"
+    if isinstance(t, type):
+        return t.__name__
+    return str(t).removeprefix("typing.")
+
+
 def _type_name(annotation: Any) -> str:
-    text = re.sub(r"<class '([\w.]+)'>", lambda m: m.group(1).rsplit(".", 1)[-1], str(annotation))
-    text = re.sub(r"\b(typing|__main__|kmerge\.recipe)\.", "", text)
-    text = re.sub(r"Annotated\[(\w+), Gt\(gt=([\d.]+)\)\]", r"\1 > \2", text)
-    return text.replace("NoneType", "None").replace("|", "\\|")
+    """:func:`_type_text`, escaped for a Markdown table cell."""
+    return _type_text(annotation).replace("|", "\\|")
 
 
 def reference_markdown() -> str:
