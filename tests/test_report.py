@@ -182,9 +182,9 @@ def _no_timing(monkeypatch):
     costs a tenth of a second a call)."""
     import kmerge.report as report
 
-    monkeypatch.setattr(report, "_latency", lambda *a: {
+    monkeypatch.setattr(report, "_latencies", lambda models, names, *a: {name: {
         "latency_ms_per_example": 1.0, "latency_ms_per_batch": 1.0, "latency_batch": 1,
-        "latency_calls": 1})
+        "latency_calls": 1, "latency_ms_per_batch_quartiles": [1.0, 1.0]} for name in names})
 
 
 def test_per_model_inputs_one_hot_labels_and_adapter_notes(digits, tmp_path, monkeypatch):
@@ -317,3 +317,53 @@ def test_architecture_image_when_plot_model_works(setup, tmp_path, monkeypatch, 
     assert arch["kind"] == ("image" if works else "text")
     assert (tmp_path / "architecture.png").exists() == works
     assert arch["text"][-1].startswith("combine_average")
+
+
+def test_latency_rounds_are_interleaved_after_a_warm_up(monkeypatch):
+    """Every model is compiled and warmed up before any timing; then each round times every
+    model once, in a rotating order; the median of the rounds is reported."""
+    import kmerge.report as report
+
+    log: list[tuple[str, str]] = []
+    phase = {"now": "build"}
+
+    def fake(model, batch):
+        log.append(("build", model))
+        phase["now"] = "run"
+        return lambda: log.append(("call", model))
+
+    monkeypatch.setattr(report, "_timed_call", fake)
+    names = ["a", "b", "c"]
+    out = report._latencies({n: n for n in names}, names, {n: [np.zeros((9, 2))] for n in names},
+                            batch_size=4, n=9)
+    builds = [m for kind, m in log if kind == "build"]
+    assert builds == names and all(kind == "build" for kind, _ in log[:3])  # built first
+    calls = [m for kind, m in log if kind == "call"]
+    warm = report._WARMUP_CALLS * len(names)
+    assert sorted(calls[:warm]) == sorted(names * report._WARMUP_CALLS)
+    rounds = out["a"]["latency_calls"]
+    assert report._MIN_ROUNDS <= rounds <= report._MAX_ROUNDS
+    timed = calls[warm:]
+    assert len(timed) == rounds * len(names)
+    for r in range(rounds):
+        one = timed[r * 3:(r + 1) * 3]
+        assert sorted(one) == names  # each model once per round
+    assert timed[:3] != timed[3:6]  # the order rotates
+    assert out["b"]["latency_batch"] == 4
+    q1, q3 = out["b"]["latency_ms_per_batch_quartiles"]
+    assert q1 <= out["b"]["latency_ms_per_batch"] <= q3
+
+
+def test_identical_models_get_similar_latencies(setup):
+    """The same architecture twice: the medians of interleaved rounds agree (before, each
+    call compiled the model again and identical models differed up to 4x)."""
+    import kmerge.report as report
+
+    a = setup["models"]["a"]
+    twin = keras.models.clone_model(a)
+    twin.set_weights(a.get_weights())
+    models = {"a": a, "twin": twin}
+    x = setup["x"]
+    out = report._latencies(models, ["a", "twin"], {"a": [x], "twin": [x]}, 256, len(x))
+    ratio = out["a"]["latency_ms_per_batch"] / out["twin"]["latency_ms_per_batch"]
+    assert 1 / 3 < ratio < 3, out

@@ -258,3 +258,80 @@ def test_sources_named_like_kmerge_layers_keep_their_own_layers():
     assert {layer.name for layer in p.layers} - {"input"} - set(
         sources["head"]["layers"]) - set(sources["combine"]["layers"]) == {
         "combine2_concat", "head2_output"}  # kmerge's own layers: no source's prefix
+
+
+# -- a model kmerge hands back is clean (issue 10, item 4) -----------------------------------
+
+def _node_counts(model) -> dict:
+    from kmerge.training.split import _graph_operations
+
+    return {id(op): (op.name, len(op._inbound_nodes), len(op._outbound_nodes))
+            for op in _graph_operations(model)}
+
+
+def _assert_clean(model, before: dict) -> None:
+    assert _node_counts(model) == before  # every node a sub-model added is gone
+    for layer in model.layers:
+        assert len(layer._inbound_nodes) == 1, layer.name
+        for node in layer._inbound_nodes:  # what plot_model draws as the layer's inputs
+            for t in node.input_tensors:
+                assert "CLONE" not in t.name and "boundary" not in t.name, (layer.name, t.name)
+
+
+def test_fit_head_leaves_one_graph_and_a_consistent_optimizer(tmp_path):
+    import json
+    import warnings
+
+    from kmerge.report import _text_diagram
+
+    m, _, _ = _merged()
+    x, y = _data()
+    before = _node_counts(m)
+    kmerge.fit_head(m, x, y, epochs=3, batch_size=10, seed=0, verbose=0)
+    _assert_clean(m, before)
+    text = "\n".join(_text_diagram(m)) + json.dumps(kmerge.info(m), default=str)
+    assert "boundary" not in text and "CLONE" not in text
+    # the full model holds the optimizer state it trained with, built for its own variables
+    opt = m.optimizer
+    assert int(keras.ops.convert_to_numpy(opt.iterations)) == 3 * 5
+    assert len(opt.variables) == 2 + 2 * len(m.trainable_variables)  # Adam: m and v per variable
+    moments = [v for v in opt.variables if v.name.endswith("_momentum")]
+    assert moments and all(np.any(keras.ops.convert_to_numpy(v) != 0) for v in moments)
+    path = tmp_path / "m.keras"
+    kmerge.save(m, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Skipping variable loading for optimizer ..." fails
+        loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(m(x)), keras.ops.convert_to_numpy(
+        loaded(x)))
+    assert [v.name for v in loaded.optimizer.variables] == [v.name for v in opt.variables]
+    for a, b in zip(opt.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    assert all(len(layer._inbound_nodes) == 1 for layer in loaded.layers)
+
+
+def test_fine_tune_nested_sources_and_failures_leave_no_nodes():
+    from conftest import nested
+
+    a, b = nested("a", seed=0), nested("b", seed=1)
+    m = kmerge.parallel({"a": a, "b": b}, head=kmerge.heads.classifier(3))
+    x = np.random.default_rng(0).normal(size=(24, 8)).astype("float32")
+    y = np.arange(24, dtype="int32") % 3
+    before = _node_counts(m)
+    kmerge.fine_tune(m, x, y, unfreeze="top:1", learning_rate=1e-3, epochs=1, seed=0, verbose=0)
+    assert _node_counts(m) == before  # shared source layers keep their own two nodes only
+
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        kmerge.fit_head(m, x, y, epochs=1, seed=0, verbose=0, callbacks=[Boom()])
+    assert _node_counts(m) == before
+
+
+def test_feature_cache_progress_bar_has_a_label(capsys):
+    m, _, _ = _merged()
+    x, y = _data()
+    kmerge.fit_head(m, x, y, epochs=1, seed=0, verbose=1)
+    assert "caching frozen features (1 batches)" in capsys.readouterr().out

@@ -36,7 +36,15 @@ if TYPE_CHECKING:
 
 TASKS = ("auto", "classification", "regression")
 FIGURES = ("accuracy.png", "confusion.png", "per_class_delta.png", "architecture.png")
-_TIMED_CALLS = 5  # timed predict calls after one warm-up; the median is reported
+# Latency: every model's compiled inference function is built and warmed up first, then the
+# models are timed in interleaved rounds (one call of each per round, the order rotating), so
+# a slow spell of the machine (another process on the same cores) hits every model alike; the
+# median over the rounds is reported. At least _MIN_ROUNDS, at most _MAX_ROUNDS rounds, as
+# many as fit in about _TIME_BUDGET seconds.
+_WARMUP_CALLS = 2
+_MIN_ROUNDS = 7
+_MAX_ROUNDS = 51
+_TIME_BUDGET = 3.0
 
 _SOURCE_COLOR = "#4C72B0"
 _MERGED_COLOR = "#DD8452"
@@ -264,23 +272,73 @@ def _predict(model, xs: list, batch_size: int) -> np.ndarray:
     return compiled.predict(model, xs, batch_size=batch_size)[0]
 
 
-def _latency(model, xs: list, batch_size: int, n: int) -> dict:
-    """Median time of the model's compiled inference function on one batch (the function
-    kmerge runs; Keras's ``predict`` on jax would empty the model if interrupted)."""
-    from kmerge.graph import compiled
+def _timed_call(model, batch: list):
+    """A function running ``model``'s inference on ``batch`` once through ONE compiled
+    function (``jax.jit`` / ``tf.function``; eager on torch), outputs fetched to the host.
 
+    The function is compiled here, once: :func:`kmerge.graph.compiled.predict` compiles anew
+    on every call, which would time tracing and compilation rather than inference. Like it,
+    this never writes the model's variables (they are passed in as detached copies).
+    """
+    import keras
+
+    from kmerge.graph.compiled import _numpy, _pure_fn
+
+    fn, values = _pure_fn(model)
+    inputs = [keras.ops.convert_to_tensor(a) for a in batch]
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        compiled = jax.jit(fn).lower(values, inputs).compile()
+        return lambda: _numpy(compiled(values, inputs))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        traced = tf.function(fn)
+        return lambda: _numpy(traced(values, inputs))
+    if backend == "torch":
+        import torch
+
+        def call():
+            with torch.no_grad():
+                return _numpy(fn(values, inputs))
+
+        return call
+    return lambda: _numpy(fn(values, inputs))
+
+
+def _latencies(models: Mapping, names: list[str], xs: dict, batch_size: int, n: int) -> dict:
+    """``{name: latency fields}``: the median time of one compiled inference call on a batch,
+    the models timed in interleaved rounds (see ``_MIN_ROUNDS``)."""
     k = min(batch_size, n)
-    batch = [a[:k] for a in xs]
-    compiled.predict(model, batch, batch_size=k)  # warm-up (traces and compiles)
-    times = []
-    for _ in range(_TIMED_CALLS):
-        start = time.perf_counter()
-        compiled.predict(model, batch, batch_size=k)
-        times.append(time.perf_counter() - start)
-    per_batch = statistics.median(times)
-    return {"latency_ms_per_example": 1000.0 * per_batch / k,
-            "latency_ms_per_batch": 1000.0 * per_batch, "latency_batch": k,
-            "latency_calls": _TIMED_CALLS}
+    calls = {}
+    for name in names:
+        calls[name] = _timed_call(models[name], [a[:k] for a in xs[name]])
+    cost = 0.0
+    for name in names:  # warm-up: traces and compiles, fills caches
+        for _ in range(_WARMUP_CALLS):
+            start = time.perf_counter()
+            calls[name]()
+            took = time.perf_counter() - start
+        cost += took
+    rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, _TIME_BUDGET // max(cost, 1e-9))))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)  # rotate the order: no model always runs first
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name in names:
+        per_batch = statistics.median(times[name])
+        q1, _, q3 = statistics.quantiles(times[name], n=4, method="inclusive")
+        out[name] = {"latency_ms_per_example": 1000.0 * per_batch / k,
+                     "latency_ms_per_batch": 1000.0 * per_batch, "latency_batch": k,
+                     "latency_calls": rounds,
+                     "latency_ms_per_batch_quartiles": [1000.0 * q1, 1000.0 * q3]}
+    return out
 
 
 def _params(model) -> tuple[int, int]:
@@ -317,8 +375,9 @@ def _evaluate(models, names, xs, y, *, task: str, batch_size: int) -> dict:
                     f"model {name!r} predicts shape {p.shape} but y has shape {y.shape}")
             metric = float(np.mean((p.reshape(yf.shape).astype("float64") - yf) ** 2))
         total, trainable = _params(model)
-        rows[name] = {"metric": metric, "params_total": total, "params_trainable": trainable,
-                      **_latency(model, xs[name], batch_size, len(y))}
+        rows[name] = {"metric": metric, "params_total": total, "params_trainable": trainable}
+    for name, fields in _latencies(models, names, xs, batch_size, len(y)).items():
+        rows[name].update(fields)
     return {
         "task": task,
         "metric": "accuracy" if task == "classification" else "mse",
@@ -617,8 +676,10 @@ def _markdown(data: dict) -> str:
                   f"{_delta(r['delta_vs_best_source'], task)} | {r['params_total']:,} | "
                   f"{r['params_trainable']:,} | {r['latency_ms_per_example']:.4f} |")
     lat = next(iter(data["models"].values()))
-    md += ["", f"Latency: median of {lat['latency_calls']} compiled inference calls on a batch of "
-           f"{lat['latency_batch']} after one warm-up, divided by the batch size.", ""]
+    md += ["", f"Latency: median of {lat['latency_calls']} calls of each model's compiled "
+           f"inference function on a batch of {lat['latency_batch']}, divided by the batch "
+           "size; the models are timed in interleaved rounds after a warm-up, so a busy "
+           "machine slows them alike.", ""]
     md += ["![metric per model](accuracy.png)", ""]
 
     if task == "classification":
