@@ -505,10 +505,13 @@ def _load_data(args, echo):
     spec = _data_spec(args)
     if spec is None:
         return None
-    from kmerge.runner import load_data
+    from kmerge.runner import load_data, split_note
 
     data = load_data(spec, _Here())
     echo(f"data: {spec.source}: {len(data.x_train)} train / {len(data.x_test)} test")
+    note = split_note(spec)
+    if note is not None:
+        echo(f"note: {note}")
     return data
 
 
@@ -562,7 +565,10 @@ def _train(model, data, args, echo) -> None:
         x, y, xv, yv = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
         validation = (inputs_for(model, xv), yv)
     epochs = args.epochs or 10
-    what = _short_list(parts) if parts else "the unfrozen sources"
+    unfrozen = any(layer.trainable_weights and layer.name not in parts
+                   for layer in model.layers)  # --no-freeze: the sources train too
+    what = " and ".join(filter(None, [_short_list(parts) if parts else "",
+                                      "the unfrozen sources" if unfrozen else ""]))
     echo(f"training {what}: {epochs} epochs on {len(x)} examples"
          + (f" ({len(validation[1])} held out for validation)" if validation else ""))
     t0 = time.perf_counter()
