@@ -294,17 +294,12 @@ def test_every_command_help_has_a_description_described_arguments_and_examples()
 
 
 # -- the real entry point --------------------------------------------------------------------
-def test_entry_point_refuses_untrained_and_trains_with_data(files, tmp_path):
+def test_entry_point_refuses_to_save_an_untrained_merge(files, tmp_path):
     out = tmp_path / "m.keras"
     proc = _kmerge("sequential", files / "a.keras", files / "c.keras", "-o", out)
     assert proc.returncode == 1, proc.stderr
     assert "untrained parts (adapter_a_to_c_dense)" in _one_error_line(proc.stderr)
-    assert not out.exists()
-    proc = _kmerge("fuse", "a.keras:0", "b.keras:-1", "-o", out, "--head", "classifier:3:8",
-                   "--data", "d.npz", "--epochs", "1", "-q", cwd=files)
-    assert proc.returncode == 0, proc.stderr
-    assert set(_scores(proc.stdout)) == {"a", "b", "merged"}
-    assert tuple(keras.models.load_model(out).output.shape) == (None, 3)
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_entry_point_quiet_list_and_help(files, tmp_path):
