@@ -55,16 +55,19 @@ def _fingerprint(result) -> dict:
     return {"scores": result.scores, "weights": digest.hexdigest()}
 
 
-def test_a_recipe_run_twice_in_one_process_is_bit_identical(tmp_path, trained):
-    recipe = _recipe(tmp_path, trained)
-    first = _fingerprint(run(recipe, echo=lambda s: None))
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, trained):
+    """The recipe (seed 0) and what its first run in this process gave."""
+    recipe = _recipe(tmp_path_factory.mktemp("recipe"), trained)
+    return recipe, _fingerprint(run(recipe, echo=lambda s: None))
+
+
+def test_a_recipe_run_twice_in_one_process_is_bit_identical(first_run):
+    recipe, first = first_run
     random.random()
     np.random.rand()  # global RNGs moved on between the runs: nothing depends on them
     keras.utils.set_random_seed(12345)
-    second = _fingerprint(run(recipe, echo=lambda s: None))
-    assert first == second
-    other = _fingerprint(run(_recipe(tmp_path, trained, seed=1), echo=lambda s: None))
-    assert other["weights"] != first["weights"]  # the seed does matter
+    assert _fingerprint(run(recipe, echo=lambda s: None)) == first
 
 
 SCRIPT = textwrap.dedent("""
@@ -80,8 +83,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_recipe_run_in_two_processes_is_bit_identical(tmp_path, trained):
-    recipe = _recipe(tmp_path, trained)
+def test_a_recipe_run_in_two_processes_is_bit_identical(tmp_path, first_run):
+    recipe, first = first_run
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "KERAS_BACKEND": keras.backend.backend()}
@@ -93,9 +96,7 @@ def test_a_recipe_run_in_two_processes_is_bit_identical(tmp_path, trained):
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert outs[0] == outs[1]
-    # and the same as in this process
-    assert _fingerprint(run(recipe, echo=lambda s: None)) == outs[0]
+    assert outs[0] == outs[1] == first  # and the same as in this process
 
 
 def _sources():
@@ -163,10 +164,12 @@ def test_the_builtin_digits_split_is_the_demos_and_the_note_says_so(tmp_path):
     assert "may overlap" in split_note(DataSpec(source=str(npz)))
 
 
-def test_run_output_and_report_carry_the_note_and_the_chosen_final(tmp_path, trained):
+def test_run_output_and_report_carry_the_note_and_the_chosen_final(tmp_path, trained,
+                                                                   first_run):
     recipe = _recipe(tmp_path, trained, seed=2)
     lines: list[str] = []
     result = run(recipe, echo=lines.append, report=tmp_path / "rep", final="a")
+    assert _fingerprint(result)["weights"] != first_run[1]["weights"]  # the seed matters
     assert any(line.startswith("note: test set: a random 30% split") for line in lines)
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["final"] == "a"
