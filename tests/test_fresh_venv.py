@@ -131,10 +131,13 @@ def test_readme_followed_literally_in_a_fresh_venv(tmp_path):
     # the demo prints every file it writes and its accuracies
     for name in ("model_a.h5", "model_b.keras", "model_c.h5", "denoiser.keras",
                  "merged_parallel.keras"):
-        assert f"wrote {clone / 'examples' / 'models' / name}" in out
+        assert f"wrote examples/models/{name}: " in out
     assert re.search(r"B: CNN \(model_b\.keras\)\s+0\.\d{3}", out)
     assert re.search(r"parallel concat \+ head\s+0\.\d{3}", out)
     assert re.search(r"\d+ passed", out)  # make test
     assert "recipe done" in out  # kmerge run, make examples
-    assert re.search(r"test accuracy 0\.\d{3}; sources verified: True", out)  # merge.py
+    accuracy = re.search(r"test accuracy (0\.\d{3}); sources verified: True", out)  # merge.py
+    assert accuracy and float(accuracy.group(1)) > 0.9, out[-3000:]
+    # a fresh home's keras.json names tensorflow, which is not installed: the CLI says so
+    assert "which is not installed; using 'jax' (set KERAS_BACKEND to choose)" in out
     assert (tmp_path / "my-project" / "merged.keras").exists()
