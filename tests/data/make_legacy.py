@@ -13,9 +13,7 @@ computed. Files named ``*_old*.h5`` are copies whose stored ``model_config`` JSO
 reproduce quirks of older Keras 2 releases (2.0-2.3 / TF 2.0-2.12) that tf_keras 2.x no longer
 writes; their weights are untouched, so the reference outputs still hold. ``keras2_arch.json`` +
 ``keras2_arch_weights.h5`` are ``model.to_json()`` and ``model.save_weights()`` of one model.
-``keras38_nested.keras`` is a Keras 3 archive (written by the Keras 3 that tensorflow installs)
-whose ``config.json`` was edited the way Keras 3.0-3.10 wrote it: every single input/output of a
-Functional model as a one-element list, ``keras_version`` 3.8.0 in ``metadata.json``.
+``keras38_nested.keras`` is written by genuine Keras 3.8.0: see ``make_keras38.py``.
 """
 
 from __future__ import annotations
@@ -286,44 +284,7 @@ def json_architecture() -> None:
     np.savez(OUT / "keras2_arch.npz", x=x, y=np.asarray(model(x, training=False)))
 
 
-def keras38() -> None:
-    """A Keras 3 .keras archive as Keras 3.0-3.10 wrote it (see the module docstring)."""
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
-
-    rng = np.random.default_rng(3)
-    keras.utils.set_random_seed(3)
-    ii = keras.Input((4,), name="enc_in")
-    h = keras.layers.Dense(5, activation="relu", name="enc_h")(ii)
-    encoder = keras.Model(ii, keras.layers.Dense(3, name="enc_out")(h), name="encoder")
-    i = keras.Input((4,), name="x")
-    model = keras.Model(i, keras.layers.Dense(2, name="head")(encoder(i)), name="outer")
-    src = OUT / "keras38_src.keras"
-    model.save(src)
-    with zipfile.ZipFile(src) as zf:
-        members = {name: zf.read(name) for name in zf.namelist()}
-    src.unlink()
-    config = json.loads(members["config.json"])
-
-    def wrap(d):
-        if d.get("class_name") == "Functional":
-            for key in ("input_layers", "output_layers"):
-                assert isinstance(d["config"][key][0], str)  # a single tensor
-                d["config"][key] = [d["config"][key]]
-
-    _walk(config, wrap)
-    members["config.json"] = json.dumps(config).encode()
-    meta = json.loads(members["metadata.json"])
-    members["metadata.json"] = json.dumps({**meta, "keras_version": "3.8.0"}).encode()
-    with zipfile.ZipFile(OUT / "keras38_nested.keras", "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    x = rng.normal(size=(3, 4)).astype("float32")
-    np.savez(OUT / "keras38_nested.npz", x=x, y=np.asarray(model(x, training=False)))
-
-
-GROUPS = {"original": original, "repairs": repairs, "json": json_architecture,
-          "keras38": keras38}
+GROUPS = {"original": original, "repairs": repairs, "json": json_architecture}
 
 
 def main(names: list[str]) -> None:
