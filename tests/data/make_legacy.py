@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import sys
-import zipfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
