@@ -123,6 +123,7 @@ def test_readme_followed_literally_in_a_fresh_venv(tmp_path):
                           timeout=3600, cwd=tmp_path)
     took = time.perf_counter() - start
     out = proc.stdout + proc.stderr
+    (tmp_path / "readme.log").write_text(out)  # all of it, for a failure
     print(out[-6000:])
     print(f"README followed in {took:.0f} s")
     assert proc.returncode == 0, out[-6000:]
@@ -131,7 +132,7 @@ def test_readme_followed_literally_in_a_fresh_venv(tmp_path):
     # the demo prints every file it writes and its accuracies
     for name in ("model_a.h5", "model_b.keras", "model_c.h5", "denoiser.keras",
                  "merged_parallel.keras"):
-        assert f"wrote examples/models/{name}: " in out
+        assert re.search(rf"^wrote \S*examples/models/{re.escape(name)}: ", out, re.M), name
     assert re.search(r"B: CNN \(model_b\.keras\)\s+0\.\d{3}", out)
     assert re.search(r"parallel concat \+ head\s+0\.\d{3}", out)
     assert re.search(r"\d+ passed", out)  # make test
