@@ -210,11 +210,17 @@ def test_weights_with_data_align_and_repair(files, tmp_path, capsys, monkeypatch
     monkeypatch.chdir(files)
     out = tmp_path / "soup.keras"
     assert main(["weights", "a.keras", "b.keras", "--method", "linear", "--align",
-                 "activations", "--repair", "repair", "--data", "d.npz", "-o", str(out)]) == 0
+                 "activations", "--repair", "repair", "--data", "d.npz", "--weights", "1,3",
+                 "-o", str(out)]) == 0
     captured = capsys.readouterr()
     assert set(_scores(captured.out)) == {"a", "b", "merged"}
     info = kmerge.info(kmerge.load(out))
     assert set(info["accuracy"]) == {"sources", "merged"}  # recorded with labels
+    assert info["weights"] == [0.25, 0.75] and info["repair"] == "repair"
+    # merge_weights' own arguments are flags, not method parameters
+    assert main(["weights", "a.keras", "b.keras", "--method", "linear", "--param", "data=x",
+                 "-o", str(tmp_path / "no.keras")]) == 1
+    assert "use --data" in _one_error_line(capsys.readouterr().err)
     # --repair without data: one line, nothing written
     assert main(["weights", "a.keras", "b.keras", "--method", "linear", "--repair", "bn",
                  "-o", str(tmp_path / "no.keras")]) == 1

@@ -266,6 +266,9 @@ def _parser() -> argparse.ArgumentParser:
     wts.add_argument("--repair", choices=("bn", "repair"),
                      help="after merging, recompute BatchNorm statistics (bn) or REPAIR "
                           "statistics (repair) on --data")
+    wts.add_argument("--weights", metavar="W1,W2",
+                     help="comma-separated weights, one per model (normalised to sum 1; "
+                          "default uniform)")
     wts.add_argument("--param", action="append", default=[], metavar="K=V",
                      help="method parameter, e.g. --param density=0.2 (repeatable)")
     g = wts.add_argument_group("output")
@@ -633,6 +636,8 @@ def _prepare(args, echo, sources: Sequence[str]):
     """Checks before any work (output, training options), ``--seed``, and the data."""
     _check_training_args(args)
     if args.dry_run:
+        if args.data:
+            echo("--dry-run: the plan only; --data is not loaded, nothing trains or is written")
         return None
     _check_output(args.output, args.overwrite, sources)
     data = _load_data(args, echo)
@@ -711,6 +716,12 @@ def _weights(args, echo) -> int:
     import kmerge
 
     params = parse_params(args.param, args.method)
+    flags = {"data": "--data", "repair": "--repair", "align": "--align", "base": "--base",
+             "weights": "--weights", "method": "--method"}
+    for key in params.keys() & flags.keys():  # merge_weights' own arguments, not the method's
+        raise InvalidArgumentError(f"--param {key}=...: {key!r} is not a parameter of method "
+                                   f"{args.method!r}; use {flags[key]}")
+    weights = parse_weights(args.weights)
     _check_output(args.output, args.overwrite, [*args.models, *([args.base] if args.base else [])])
     data = _load_data(args, echo)
     sources = _names(args.models)
@@ -720,7 +731,8 @@ def _weights(args, echo) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         m = kmerge.merge_weights(list(models.values()), method=args.method, base=base,
-                                 align=args.align, repair=args.repair, data=train, **params)
+                                 weights=weights, align=args.align, repair=args.repair,
+                                 data=train, **params)
     for w in caught:  # kmerge's own warnings (a collapsed merge) as warning lines
         if type(w.message).__module__.startswith("kmerge"):
             _warn(_one_line(w.message))
