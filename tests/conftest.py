@@ -10,6 +10,10 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import _speed  # noqa: E402
+
+_speed.configure()  # jax: persistent compilation cache (see tests/_speed.py)
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
