@@ -245,6 +245,7 @@ def test_quiet_before_and_after_the_command_mean_the_same(files, tmp_path, capsy
         outs[tuple(argv)] = capsys.readouterr().out
     loud, *quiet = outs.values()
     assert "loaded a" in loud and len(set(quiet)) == 1 and "loaded a" not in quiet[0]
+    assert "kmerge verify: OK" in quiet[0]  # --quiet keeps results
     # --debug, too, on either side
     assert main(["validate", r, "--debug"]) == 0 and main(["--debug", "validate", r]) == 0
 

@@ -800,7 +800,7 @@ def _run(args, echo) -> int:
 
     recipe = load_recipe(args.recipe)
     # run() checks every output (and --report's need for data) before any work
-    run(recipe, echo=echo, out=args.output_dir, report=args.report, warn=_warn)
+    run(recipe, echo=echo, out=args.output_dir, report=args.report, warn=_warn, show=print)
     return 0
 
 

@@ -378,7 +378,7 @@ def freeze_arg(value):
 
 def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path | None = None,
         report: str | Path | None = None, warn: Callable[[str], None] | None = None,
-        final: str | None = None) -> RunResult:
+        final: str | None = None, show: Callable[[str], None] | None = None) -> RunResult:
     """Execute ``recipe``.
 
     Every output is checked before any work starts (:func:`kmerge.recipe.check_outputs`):
@@ -398,6 +398,8 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
             :func:`warnings.warn`.
         final: The model the report is about (a source or a step's name); default: the
             model of the last step that builds one (the last source when none does).
+        show: Results (verify reports, evaluation tables); default ``echo``. The CLI prints
+            them even with ``--quiet``.
 
     Raises:
         RecipeError: ``final`` names no model of the recipe (before any work).
@@ -438,7 +440,8 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
         for i, step in enumerate(recipe.steps):
             t0 = time.perf_counter()
             seed_step(seed)
-            name = _step(i, step, models, data, result, echo, staged, targets)
+            name = _step(i, step, models, data, result, echo, staged, targets,
+                         show=show or echo)
             builds = step.kind in BUILDS
             if builds:
                 result.final = name
@@ -539,8 +542,9 @@ def model_names(recipe: Recipe) -> list[str]:
 
 
 def _step(i: int, step, models: dict, data: Data | None, result: RunResult,
-          echo: Callable[[str], None], staged: _Staged, targets: dict) -> str:
-    """Run one step; returns its name."""
+          echo: Callable[[str], None], staged: _Staged, targets: dict, *,
+          show: Callable[[str], None]) -> str:
+    """Run one step; returns its name. ``show`` prints results (verify, evaluate)."""
     import kmerge
 
     kind = step.kind
@@ -592,11 +596,11 @@ def _step(i: int, step, models: dict, data: Data | None, result: RunResult,
         meta = meta_of(m) or {}
         srcs = {n: models[n] for n in meta.get("sources", {}) if n in models}
         result.verify[step.model] = kmerge.verify(m, srcs)
-        echo(str(result.verify[step.model]))
+        show(str(result.verify[step.model]))
     elif kind == "evaluate":
         for n in step.models or list(models):
             result.scores[n] = score(models[n], data)
-        echo(format_scores(result.scores, classification=data.classification))
+        show(format_scores(result.scores, classification=data.classification))
     elif kind == "save":
         target = targets[i]
         staged.stage(step.model, models[step.model], target.path, target.overwrite)
