@@ -33,8 +33,9 @@ def _env(tmp_path, keras_json_backend=None, keras_backend=None):
 
 
 def test_cli_falls_back_to_an_installed_backend_and_says_so(tmp_path):
-    import kmerge
     from conftest import mlp
+
+    import kmerge
 
     path = kmerge.save(mlp(), tmp_path / "m.keras")
     out = _run(["inspect", str(path)], _env(tmp_path, keras_json_backend="mxnet"))
