@@ -79,3 +79,15 @@ def test_saving_internals():
 
     model = kmerge.load(Path(__file__).parent / "data" / "legacy" / "mlp.h5")
     assert model.count_params() > 0
+
+
+def test_node_counts_and_truncate_nodes():
+    inp = keras.Input((3,))
+    dense = keras.layers.Dense(2)
+    keras.Model(inp, dense(inp))
+    before = _keras.node_counts(dense)
+    assert before == (1, 0)
+    dense(keras.Input((3,)))  # a second call records a second inbound node
+    assert _keras.node_counts(dense) == (2, 0)
+    _keras.truncate_nodes(dense, before)
+    assert _keras.node_counts(dense) == before

@@ -52,6 +52,23 @@ def graph_nodes(graph: Any) -> list:
             if node.operation is not None and not node.is_input]
 
 
+def node_counts(op: Any) -> tuple[int, int]:
+    """How many inbound and outbound call nodes Keras has recorded on ``op``.
+
+    Why private: ``_inbound_nodes`` / ``_outbound_nodes`` are where Keras records each call of
+    an operation in a graph; nodes are only ever appended, so these counts mark a point to
+    which :func:`truncate_nodes` can return.
+    """
+    return len(op._inbound_nodes), len(op._outbound_nodes)
+
+
+def truncate_nodes(op: Any, counts: tuple[int, int]) -> None:
+    """Drop the call nodes recorded on ``op`` after :func:`node_counts` gave ``counts``."""
+    n_in, n_out = counts
+    del op._inbound_nodes[n_in:]
+    del op._outbound_nodes[n_out:]
+
+
 def fill_in(node: Any, values: dict[int, Any]) -> tuple[tuple, dict]:
     """A node's call arguments with each graph tensor replaced by ``values[id(tensor)]``.
 

@@ -147,15 +147,12 @@ def no_new_nodes(model: keras.Model) -> Iterator[None]:
     would be ambiguous. Sub-models built in the body keep working: a Functional model runs
     through its own node list, not its layers'.
 
-    Why private: ``_inbound_nodes`` / ``_outbound_nodes`` are where Keras records a call of an
-    operation in a graph; nodes are only ever appended, so truncating the lists to their
-    length before the body removes exactly the nodes the body added.
+    Nodes are only ever appended, so returning each operation's node lists to their length
+    before the body removes exactly the nodes the body added (``_keras.node_counts``).
     """
-    ops = _graph_operations(model)
-    lengths = [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in ops]
+    counts = [(op, _keras.node_counts(op)) for op in _graph_operations(model)]
     try:
         yield
     finally:
-        for op, n_in, n_out in lengths:
-            del op._inbound_nodes[n_in:]
-            del op._outbound_nodes[n_out:]
+        for op, before in counts:
+            _keras.truncate_nodes(op, before)
