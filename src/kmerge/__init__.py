@@ -27,6 +27,8 @@ _EXPORTS = {
     "sequential": "kmerge.graph.sequential",
     "parallel": "kmerge.graph.parallel",
     "fuse": "kmerge.graph.fuse",
+    "probe": "kmerge.probing",
+    "ProbeResult": "kmerge.probing",
     "verify": "kmerge.verification",
     "info": "kmerge.metadata",
     "merge_weights": "kmerge.weights.apply",

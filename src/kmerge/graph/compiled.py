@@ -78,8 +78,14 @@ def _numpy(outs: Any) -> list[np.ndarray]:
 
 def run_all(jobs: list[Job]) -> list[list[np.ndarray]]:
     """Each job's outputs (NumPy), every model run as one compiled function."""
+    return list(stream(jobs))
+
+
+def stream(jobs: Any) -> Any:
+    """:func:`run_all` one job at a time: yields each job's outputs as it is computed, so a
+    caller that reduces them (kmerge.probe pools and projects each batch) never holds all of
+    them. ``jobs`` may be any iterable (a generator of batches)."""
     backend = keras.backend.backend()
-    results = []
     if backend == "jax":
         import jax
 
@@ -99,8 +105,8 @@ def run_all(jobs: list[Job]) -> list[list[np.ndarray]]:
                 if key not in executables:
                     executables[key] = lowered.compile()
                 known[signature] = executables[key]
-            results.append(_numpy(known[signature](values, inputs)))
-        return results
+            yield _numpy(known[signature](values, inputs))
+        return
     functions: dict[int, tuple] = {}  # id(model) -> (traced function, values)
     for job in jobs:
         if id(job.model) not in functions:
@@ -115,11 +121,11 @@ def run_all(jobs: list[Job]) -> list[list[np.ndarray]]:
         if backend == "torch":
             import torch
 
-            with torch.no_grad():
-                results.append(_numpy(fn(values, inputs)))
+            with torch.no_grad():  # left before yielding: the caller's code keeps its grad mode
+                out = _numpy(fn(values, inputs))
+            yield out
         else:
-            results.append(_numpy(fn(values, inputs)))
-    return results
+            yield _numpy(fn(values, inputs))
 
 
 def _program_text(lowered: Any) -> str:

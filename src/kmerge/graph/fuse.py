@@ -32,14 +32,17 @@ POOLINGS = ("auto", "avg", "max", "none")
 def _split_taps(taps: Any) -> tuple[dict, dict[str, list]]:
     if not isinstance(taps, Mapping) or not taps:
         raise InvalidArgumentError(
-            "fuse takes {name: (model, layer)} or {name: (model, [layer, ...])}, got "
-            f"{type(taps).__name__}"
+            "fuse takes {name: (model, layer)} or {name: (model, [layer, ...])}, or the "
+            "models with taps='auto' and data=(x, y) to let kmerge.probe choose the layers; "
+            f"got {type(taps).__name__}"
         )
     models, refs = {}, {}
     for n, value in taps.items():
         if not isinstance(value, tuple | list) or len(value) != 2:
             raise InvalidArgumentError(
                 f"tap {n!r} must be a pair (model, layer_ref) or (model, [refs]), got {value!r}"
+                " (to let kmerge.probe choose the layers: fuse(models, taps='auto', "
+                "data=(x, y)))"
             )
         model, ref = value
         ref_list = list(ref) if isinstance(ref, list | tuple) else [ref]
@@ -81,9 +84,51 @@ def _align(builder: GraphBuilder, feats: dict[str, Any], pooling: str) -> dict[s
     return out
 
 
+def _chosen_taps(models: Any, taps: Any, data: Any, pooling: str) -> tuple[dict, Any]:
+    """``{name: (model, refs)}`` from ``fuse(models, taps=...)``, and the probe result that
+    chose them (None for taps given by hand)."""
+    from kmerge.probing import ProbeResult, probe
+
+    sources = named_models(models, minimum=1, what="fuse")
+    result = None
+    if isinstance(taps, str) and taps == "auto":
+        if not isinstance(data, tuple | list) or len(data) != 2:
+            raise InvalidArgumentError(
+                "taps='auto' chooses the taps with kmerge.probe on labelled data: pass "
+                f"data=(x, y); received data={type(data).__name__ if data is not None else None}")
+        result = probe(sources, data[0], data[1], pooling=pooling)
+        mapping = result.best_taps
+    elif isinstance(taps, ProbeResult):
+        result = taps
+        mapping = taps.best_taps
+        missing = [n for n in mapping if n not in sources]
+        if missing:
+            raise InvalidArgumentError(
+                f"the probe result chose taps of models {missing}, which are not among the "
+                f"models given to fuse ({list(sources)}); pass the models that were probed")
+    elif isinstance(taps, Mapping):
+        mapping = dict(taps)
+        missing = [n for n in mapping if n not in sources]
+        if missing:
+            raise InvalidArgumentError(f"taps names models {missing} that are not among the "
+                                       f"models {list(sources)}")
+    else:
+        raise InvalidArgumentError(
+            "taps must be 'auto' (chosen by kmerge.probe on data=(x, y)), a probe result, or "
+            f"{{name: layer_ref or [refs]}}; received {taps!r}")
+    if data is not None and result is None:
+        raise InvalidArgumentError("data= is used only with taps='auto' (to probe the models); "
+                                   "drop it, or pass taps='auto'")
+    if not mapping:
+        raise InvalidArgumentError("the probe found no tap to fuse")
+    return {n: (sources[n], ref) for n, ref in mapping.items()}, result
+
+
 def fuse(
-    taps: Any,
+    models: Any,
     *,
+    taps: Any = None,
+    data: Any = None,
     combine: str = "concat",
     head: Any = None,
     pooling: str = "auto",
@@ -98,8 +143,15 @@ def fuse(
     """Fuse intermediate features of several models and put a head on them.
 
     Args:
-        taps: ``{name: (model, layer_ref)}`` or ``{name: (model, [ref, ...])}``; a ref is
-            a layer name, an index, or a nested path like ``"block_1/conv"``.
+        models: ``{name: (model, layer_ref)}`` or ``{name: (model, [ref, ...])}``; a ref is
+            a layer name, an index, or a nested path like ``"block_1/conv"``. With ``taps``:
+            the models alone, a list or ``{name: model}``.
+        taps: ``"auto"``: :func:`kmerge.probe` ranks every layer of every model on
+            ``data`` and the best combination is fused (the probe's table is recorded in
+            ``kmerge.info(m)["probe"]`` and in reports); a :class:`kmerge.ProbeResult` (its
+            best combination); or ``{name: ref or [refs]}``.
+        data: ``(x, y)`` for ``taps="auto"``: x as for :func:`kmerge.probe` (one input for
+            all, or ``{name: x}``), y labels or targets.
         combine: How to fuse the aligned features (see :func:`kmerge.parallel`).
         head: The head on the fused features; None returns the features.
         pooling: ``"auto"``/``"avg"``/``"max"`` pool spatial and sequence features to
@@ -114,6 +166,8 @@ def fuse(
 
     >>> m = kmerge.fuse({"a": (a, "conv_2"), "b": (b, ["dense_1", "dense_2"])},
     ...                 head=kmerge.heads.classifier(10))
+    >>> m = kmerge.fuse({"a": a, "b": b}, taps="auto", data=(x, y),
+    ...                 head=kmerge.heads.classifier(10))
     """
     from kmerge.graph.parallel import check_weights
 
@@ -122,7 +176,10 @@ def fuse(
     share_inputs = flag(share_inputs, "share_inputs")
     if pooling not in POOLINGS:
         raise InvalidArgumentError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    models, refs = _split_taps(taps)
+    result = None
+    if taps is not None or data is not None:
+        models, result = _chosen_taps(models, taps, data, pooling)
+    models, refs = _split_taps(models)
     sources = named_models(models, minimum=1, what="fuse")
     n_feats = sum(len(r) for r in refs.values())
     if n_feats < 2:
@@ -141,4 +198,24 @@ def fuse(
     x = combine_branches(builder, feats, combine=combine, adapter=mode, weights=fixed)
     x = apply_head(head, x, name=builder.own_prefix("head"))
     builder.head = describe_head(head)
-    return builder.finish(x, verify=verify)
+    merged = builder.finish(x, verify=verify)
+    if result is not None:
+        _record_probe(merged, result)
+    return merged
+
+
+def _record_probe(merged: Any, result: Any) -> None:
+    """The probe that chose the taps, in the merge's metadata (a plan gets a note)."""
+    from kmerge.graph.build import Plan
+    from kmerge.metadata import meta_of
+    from kmerge.probing import describe
+
+    chosen = ", ".join(f"{n}: {r}" for n, r in result.best_taps.items())
+    note = (f"taps chosen by kmerge.probe: {chosen} (held-out probe "
+            f"{result.metric} {result.best_score:.4f} of {len(result.rows)} taps)")
+    if isinstance(merged, Plan):
+        merged.notes.append(note)
+        return
+    meta = meta_of(merged)
+    meta["probe"] = describe(result)
+    meta["notes"].append(note)
