@@ -19,14 +19,21 @@ from typing import Any
 
 import numpy as np
 
-from kmerge.arguments import integer, labels, model_inputs
+from kmerge.arguments import integer, labels, model_inputs, outputs
 from kmerge.errors import (
     InvalidArgumentError,
     InvalidModelError,
 )
-from kmerge.metadata import attach, derivation
+from kmerge.metadata import attach, derivation, meta_of
 from kmerge.weights.methods import merge_methods, supplied_params
-from kmerge.weights.statistics import dense_grams, fisher_diagonals, predict_numpy
+from kmerge.weights.methods.slerp import interpolation_t
+from kmerge.weights.methods.sparse import kth_largest
+from kmerge.weights.statistics import (
+    dense_grams,
+    fisher_diagonals,
+    output_kind,
+    predict_numpy,
+)
 from kmerge.weights.validate import (
     DATA_METHODS,
     GREEDY,
@@ -48,6 +55,8 @@ ALIGN_METHODS = ("weights", "activations")
 REPAIR_METHODS = ("bn", "repair")
 #: A merge whose accuracy is below this fraction of the worst source's warns ("collapse").
 COLLAPSE_RATIO = 0.75
+#: Examples in the probe batch every merge is run on (the first of ``data``, else synthetic).
+PROBE_EXAMPLES = 64
 
 
 class MergeCollapseWarning(UserWarning):
@@ -109,8 +118,8 @@ def _checked_data(model, x, y) -> tuple[Any, Any]:
     return (xs[0] if len(xs) == 1 else xs), y
 
 
-def _accuracy(model, x, y) -> float:
-    p = predict_numpy(model, x)
+def _accuracy(model, x, y, p: np.ndarray | None = None) -> float:
+    p = predict_numpy(model, x) if p is None else p
     y = np.asarray(y)
     truth = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(-1)
     if p.ndim == 1 or p.shape[-1] == 1:
@@ -123,16 +132,33 @@ def _accuracy(model, x, y) -> float:
 # ----------------------------------------------------------------------------- core
 
 
+def resolved_params(method: str, method_params: Mapping[str, Any],
+                    weights: Sequence[float] | None, norm_w: list[float]) -> dict:
+    """The method parameters a merge runs with: slerp given ``weights=`` (and no ``t``)
+    interpolates at ``t = w_b / (w_a + w_b)``; ``t`` and ``weights=`` together are refused.
+    Shared by in-memory and streamed merges."""
+    out = dict(method_params)
+    if method == "slerp" and weights is not None:
+        if "t" in method_params:
+            raise InvalidArgumentError(
+                "slerp takes its interpolation factor from t= or from weights= (t = w_b / (w_a "
+                f"+ w_b)), not both; received t={method_params['t']!r} and weights="
+                f"{list(weights)!r}: drop one")
+        out["t"] = interpolation_t(norm_w)
+    return out
+
+
 def tensor_kwargs(supplied: dict, path: str, method_params: dict,
                   params: list[tuple[str, re.Pattern, dict]], *, weights, base=None,
-                  fishers=None, grams=None) -> dict:
+                  fishers=None, grams=None, thresholds=None) -> dict:
     """A method's keyword arguments for one tensor: the user's parameters, the per-tensor
     regex overrides matching ``path``, and what the method takes of the supplied values."""
     kwargs = dict(method_params)
     for _, rx, overrides in params:
         if rx.fullmatch(path):
             kwargs.update(overrides)
-    values = {"weights": weights, "base": base, "path": path, "fishers": fishers, "grams": grams}
+    values = {"weights": weights, "base": base, "path": path, "fishers": fishers, "grams": grams,
+              "thresholds": thresholds}
     kwargs.update({k: v for k, v in values.items() if k in supplied})
     return kwargs
 
@@ -142,7 +168,8 @@ def _merge_arrays(method: str, fn, sources: list[list[np.ndarray]], paths: list[
                   base: list[np.ndarray] | None, method_params: dict,
                   params: list[tuple[str, re.Pattern, dict]],
                   fishers: list[list[np.ndarray]] | None = None,
-                  grams: list[dict[int, np.ndarray]] | None = None) -> list[np.ndarray]:
+                  grams: list[dict[int, np.ndarray]] | None = None,
+                  thresholds: list[float] | None = None) -> list[np.ndarray]:
     sup = supplied_params(fn)
     out = []
     for i, path in enumerate(paths):
@@ -157,7 +184,7 @@ def _merge_arrays(method: str, fn, sources: list[list[np.ndarray]], paths: list[
         kwargs = tensor_kwargs(sup, path, method_params, params, weights=weights,
                                base=None if base is None else base[i],
                                fishers=[f[i] for f in fishers] if "fishers" in sup else None,
-                               grams=gram)
+                               grams=gram, thresholds=thresholds)
         # overflow (scale=1e308) gives inf/NaN, refused below naming the variable
         with np.errstate(over="ignore", invalid="ignore"):
             merged = np.asarray(fn([s[i] for s in sources], **kwargs))
@@ -195,6 +222,142 @@ def _drift(merged: list[np.ndarray], sources: list[list[np.ndarray]], paths: lis
                            / max(float(np.linalg.norm(s[i].astype(np.float64))), 1e-12))
                      for s in sources]
     return out
+
+
+def statistic_indices(model) -> list[int]:
+    """Indices in ``model.weights`` of the statistics a merge must keep valid: the moving
+    mean/variance of BatchNormalization layers and the mean/variance of Normalization layers
+    (non-trainable, float; a variance must stay >= 0)."""
+    import keras
+
+    from kmerge.weights.validate import leaf_layers
+
+    ids = set()
+    for layer in leaf_layers(model):
+        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Normalization)):
+            ids.update(id(v) for v in layer.non_trainable_weights if is_float(v.dtype))
+    return [i for i, v in enumerate(model.weights) if id(v) in ids]
+
+
+def model_thresholds(sources: list[list[np.ndarray]], base: list[np.ndarray],
+                     indices: Sequence[int], density: float) -> list[float]:
+    """TIES with ``scope="model"``: per model, the magnitude its top ``density`` fraction of
+    task-vector entries reaches over every merged tensor (``indices``) at once."""
+    out = []
+    for src in sources:
+        mags = np.concatenate([np.abs(np.asarray(src[i], np.float64) - np.asarray(
+            base[i], np.float64)).ravel() for i in indices]) if indices else np.zeros(0)
+        out.append(kth_largest(mags, density))
+        del mags
+    return out
+
+
+def synthetic_probe(model, n: int = PROBE_EXAMPLES) -> list[np.ndarray]:
+    """A deterministic probe batch from the model's input spec: standard normal floats,
+    zeros for integer inputs (token ids), unknown dimensions set to 8."""
+    from kmerge.graph.rebuild import input_specs
+
+    rng = np.random.default_rng(0)
+    out = []
+    for shape, dtype, _ in input_specs(model):
+        dims = (n, *(8 if d is None else int(d) for d in shape))
+        kind = np.dtype(dtype.replace("bfloat16", "float32")).kind
+        out.append(rng.standard_normal(dims).astype(dtype) if kind == "f"
+                   else np.zeros(dims, dtype))
+    return out
+
+
+def _non_finite(arrays: list[np.ndarray]) -> int:
+    return sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in arrays
+               if np.asarray(a).dtype.kind in "fc")
+
+
+def first_non_finite_layer(model, xs: list[np.ndarray]) -> str | None:
+    """Where ``model`` first produces NaN/Inf on ``xs``: the first call (graph order) whose
+    output is not finite, its class, and why when it can tell (a BatchNormalization with
+    negative variance, an overflow of finite inputs). None for subclassed models."""
+    import keras
+
+    from kmerge.graph.compiled import predict
+    from kmerge.graph.replay import is_graph_model
+    from kmerge.weights.matching import tap_model
+    from kmerge.weights.spec import spec_walk
+
+    if not is_graph_model(model):
+        return None
+    try:
+        walk = spec_walk(model)
+        taps = [(n, j, "out") for n, node in enumerate(walk.nodes)
+                for j in range(len(node.outputs))]
+        sub, _ = tap_model(walk, taps)
+        values = dict(zip(walk.inputs, xs))
+        for (n, j, _), out in zip(taps, predict(sub, xs)):
+            values[walk.nodes[n].outputs[j]] = out
+    except Exception:  # a graph kmerge cannot tap: the output check still stands
+        return None
+    for node in walk.nodes:
+        outs = [values[t] for t in node.outputs if t in values]
+        if not _non_finite(outs):
+            continue
+        layer = walk.layers[node.layer]
+        what = f"{walk.names[node.layer]!r} ({type(layer).__name__})"
+        if isinstance(layer, keras.layers.BatchNormalization):
+            var = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance))
+            if np.any(var + layer.epsilon < 0):
+                return (f"{what}: {int(np.sum(var + layer.epsilon < 0))} of its {var.size} "
+                        "moving_variance entries are negative")
+        ins = [values[t] for t in node.inputs if t in values]
+        if ins and not _non_finite(ins):
+            floats = [np.asarray(a) for a in ins if np.asarray(a).dtype.kind in "fc"]
+            big = max((float(np.max(np.abs(a))) for a in floats if a.size), default=0.0)
+            return (f"{what}: its inputs are finite (largest magnitude {big:.3g}) but its "
+                    "output is not (overflow)")
+        return what
+    return None
+
+
+def check_outputs(merged, sources: list, names: list[str], x: Any, method: str,
+                  outs: list[np.ndarray] | None = None) -> dict:
+    """Run the merge once on a probe batch (``x``'s first :data:`PROBE_EXAMPLES` examples,
+    else :func:`synthetic_probe`) through the compiled stateless path; refuse NaN/Inf outputs,
+    naming the first layer that produced them. ``outs``: the merge's outputs on all of ``x``
+    when they were computed anyway (no second pass)."""
+    if x is not None:
+        xs = x if isinstance(x, list) else [x]
+        xs = [np.asarray(a)[:PROBE_EXAMPLES] for a in xs] if outs is None else xs
+        origin = "data"
+    else:
+        xs, origin = synthetic_probe(merged), "synthetic"
+    if outs is None:
+        outs = outputs(merged, xs, "probe")
+    record = {"inputs": origin, "examples": int(len(xs[0])), "finite": True}
+    bad = _non_finite(outs)
+    if not bad:
+        return record
+    # the examples that went wrong (the first PROBE_EXAMPLES of them) for the diagnosis
+    rows = np.zeros(len(xs[0]), bool)
+    for o in outs:
+        if np.asarray(o).dtype.kind in "fc":
+            rows |= ~np.isfinite(np.asarray(o).reshape(len(o), -1)).all(axis=1)
+    xs = [np.asarray(a)[np.flatnonzero(rows)[:PROBE_EXAMPLES]] for a in xs]
+    culprits = [n for n, s in zip(names, sources) if _non_finite(outputs(s, xs, "probe"))]
+    if culprits and origin == "synthetic":
+        record.update(finite=False, note=f"the sources {', '.join(culprits)} give NaN/Inf on "
+                      "the synthetic probe too: pass data= to check the merge")
+        return record
+    if culprits:
+        raise InvalidArgumentError(
+            f"the {method} merge gives NaN/Inf outputs on data x, and so do the sources "
+            f"{', '.join(culprits)}: fix the data or those models")
+    layer = first_non_finite_layer(merged, xs)
+    where = (f"the first layer producing them is {layer}" if layer is not None else
+             "kmerge cannot name the layer of a subclassed model")
+    raise InvalidArgumentError(
+        f"the {method} merge of {', '.join(names)} is finite in every weight but its outputs "
+        f"hold {bad} NaN/Inf value(s) on the {origin} probe ({len(xs[0])} examples) while "
+        f"every source's are finite; {where}. Nothing was returned: lower scale (or p for "
+        "dare), check BatchNorm statistics (repair='bn' recomputes them on data), or use "
+        "method='linear'")
 
 
 def _assign(clone, arrays: list[np.ndarray]) -> None:
@@ -305,8 +468,19 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
     if method == GREEDY and y is None:
         raise InvalidArgumentError("method='greedy_soup' needs held-out data=(x, y) with labels "
                                    "to rank and accept models")
-    check_fast(method, fn, n, norm_w, base is not None, method_params,
-                {p: o for p, _, o in compiled_params})
+    ties_model = method == "ties" and method_params.get("scope") == "model"
+    for pat, _, overrides in compiled_params if method == "ties" else []:
+        for key in ("scope", "density") if ties_model else ("scope",):
+            if key in overrides:
+                raise InvalidArgumentError(
+                    f"params[{pat!r}] sets {key!r}: TIES's scope applies to the whole merge, and "
+                    "scope='model' trims each whole task vector with one density; per-tensor "
+                    "density needs scope='tensor'")
+    # scope='model' needs thresholds the quick check cannot have: check the rest per tensor
+    check_fast(method, fn, n, norm_w, base is not None,
+               {**method_params, "scope": "tensor"} if ties_model else method_params,
+               {p: o for p, _, o in compiled_params})
+    run_params = resolved_params(method, method_params, weights, norm_w)
     align_fn = repair_fn = None
     if align is not None:
         from kmerge.weights.align import align as align_fn
@@ -321,6 +495,8 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
                      names + (["base"] if base_model is not None else []))
     ancestry = derivation(*loaded, base_model)
     x, y = _checked_data(loaded[0], x, y)
+    if method == "fisher":  # before any expensive step: refuse a model that does not say
+        kinds = [output_kind(m, method_params.get("outputs")) for m in loaded]
     if align_fn is not None:
         loaded = [loaded[0]] + [align_fn(loaded[0], m, method=align, data=x) for m in loaded[1:]]
 
@@ -341,7 +517,13 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
                                        f"(matched with re.fullmatch); variables are: "
                                        f"{', '.join(paths[:12])}{' ...' if len(paths) > 12 else ''}")
     mask = [f and p not in excluded for f, p in zip(float_vars, paths)]
+    stats = [i for i in statistic_indices(ref) if mask[i]]
+    method_mask = [m and i not in stats for i, m in enumerate(mask)]
     sources = [[to_numpy(v) for v in m.weights] for m in loaded]
+    # the merge's coefficient per source: what statistics are averaged with and REPAIR's
+    # interpolation targets use
+    coeffs = ([1.0 - float(run_params.get("t", 0.5)), float(run_params.get("t", 0.5))]
+              if method == "slerp" else list(norm_w))
 
     meta: dict[str, Any] = {
         "kind": "weights", "method": method, "method_params": dict(method_params),
@@ -350,6 +532,10 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         "source_names": [m.name for m in loaded],
         **ancestry,
         "excluded_variables": sorted(excluded),
+        **({"t": float(run_params.get("t", 0.5))} if method == "slerp" else {}),
+        **({"statistics": {"variables": [paths[i] for i in stats],
+                           "rule": "weighted average with the merge's coefficients"}}
+           if stats and method != GREEDY else {}),
         "copied_non_float": [p for p, f in zip(paths, float_vars) if not f],
     }
     merged_model = _clone(ref)
@@ -357,27 +543,50 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
     # --- merge
     if method == GREEDY:
         arrays = _greedy_soup(loaded, sources, paths, mask, merged_model, x, y, meta)
+        members = meta["greedy_soup"]["ingredients"]
+        coeffs = [1.0 / len(members) if i in members else 0.0 for i in range(n)]
     else:
         base_arrays = [to_numpy(v) for v in base_model.weights] if base_model is not None else None
-        fishers = grams = None
+        fishers = grams = thresholds = None
+        method_w = norm_w
         if method == "fisher":
             samples = integer(method_params.get("samples", 256), "samples")
-            fishers = [fisher_diagonals(m, x, samples=samples) for m in loaded]
+            fishers = [fisher_diagonals(m, x, samples=samples, kind=k)
+                       for m, k in zip(loaded, kinds)]
+            meta["fisher_outputs"] = [k.decided_by for k in kinds]
+            if method_params.get("normalize"):
+                method_w = _fisher_normalised(norm_w, fishers, method_mask, names)
         if method == "regmean":
             samples = integer(method_params.get("samples", 256), "samples")
             grams = [dense_grams(m, x, samples=samples) for m in loaded]
             meta["regmean_kernels"] = [paths[i] for i in sorted(grams[0])]
-        arrays = _merge_arrays(method, fn, sources, paths, mask, weights=norm_w,
-                               base=base_arrays, method_params=method_params,
-                               params=compiled_params, fishers=fishers, grams=grams)
+        if ties_model:
+            thresholds = model_thresholds(
+                sources, base_arrays, [i for i, m in enumerate(method_mask) if m],
+                float(method_params.get("density", 0.2)))
+            meta["ties_thresholds"] = thresholds
+        arrays = _merge_arrays(method, fn, sources, paths, method_mask, weights=method_w,
+                               base=base_arrays, method_params=run_params,
+                               params=compiled_params, fishers=fishers, grams=grams,
+                               thresholds=thresholds)
+        linear = merge_methods.get("linear")
+        for i in stats:  # statistics stay statistics: averaged, never extrapolated
+            arrays[i] = np.asarray(linear([s[i] for s in sources], weights=coeffs)).astype(
+                sources[0][i].dtype)
     refuse_non_finite(arrays, paths, sources, names, method)
     _assign(merged_model, arrays)
 
     if repair_fn is not None:
-        out = repair_fn(merged_model, loaded, method=repair, data=x)
+        out = repair_fn(merged_model, loaded, method=repair, data=x, weights=coeffs)
         merged_model = out if out is not None else merged_model
+        meta["repair_report"] = (meta_of(merged_model) or {}).get("repair")
         arrays = [to_numpy(v) for v in merged_model.weights]
         refuse_non_finite(arrays, paths, sources, names, f"repair={repair!r}")
+
+    # one forward pass: finite weights can still give NaN outputs
+    merged_out = predict_numpy(merged_model, x) if y is not None else None
+    meta["probe"] = check_outputs(merged_model, loaded, names, x, method,
+                                  None if merged_out is None else [merged_out])
 
     drift = _drift(arrays, sources, paths, mask)
     meta["drift"] = drift
@@ -386,7 +595,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         meta["max_drift"] = {"variable": worst, "value": max(drift[worst])}
     if y is not None:
         accs = meta.get("accuracy_sources") or [_accuracy(m, x, y) for m in loaded]
-        result = _accuracy(merged_model, x, y)
+        result = _accuracy(merged_model, x, y, merged_out)
         meta["accuracy"] = {"sources": accs, "merged": result}
         worst_src = min(accs)
         if result < COLLAPSE_RATIO * worst_src:
@@ -398,6 +607,22 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
     meta.pop("accuracy_sources", None)
     attach(merged_model, meta)
     return merged_model
+
+
+def _fisher_normalised(weights: list[float], fishers: list[list[np.ndarray]],
+                       mask: list[bool], names: list[str]) -> list[float]:
+    """mmatena/model_merging's normalisation: each model's weight divided by the L2 norm of
+    its whole Fisher (over the merged variables)."""
+    out = []
+    for w, f, name in zip(weights, fishers, names):
+        norm = math.sqrt(sum(float(np.sum(np.square(f[i], dtype=np.float64)))
+                             for i, m in enumerate(mask) if m))
+        if not norm > 0:
+            raise InvalidArgumentError(
+                f"fisher normalize=True: {name} has zero Fisher on data x, so it cannot be "
+                "normalised; pass data the model responds to, or normalize=False")
+        out.append(w / norm)
+    return out
 
 
 def _greedy_soup(models, sources, paths, mask, probe, x, y, meta) -> list[np.ndarray]:

@@ -1,13 +1,49 @@
 """Statistics of a model on data that weight-merge methods need: Fisher diagonals (Fisher
-merging) and Gram matrices of Dense inputs (RegMean). The methods stay pure NumPy."""
+merging) and Gram matrices of Dense inputs (RegMean). The methods stay pure NumPy.
+
+Whether a model outputs probabilities or logits is decided from the model itself
+(:func:`output_kind`: its final activation, else its compiled loss), never from the values
+it predicts: a single logit unit whose outputs happen to lie in [0, 1] is not a probability.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from kmerge.errors import (
     InvalidArgumentError,
 )
+
+#: Values of ``outputs=`` (method="fisher"): what the model's output holds.
+OUTPUTS = ("logits", "probabilities")
+
+# Layers between the last activation and the output that do not change values at inference.
+_TRANSPARENT = {"Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+                "GaussianDropout", "GaussianNoise", "AlphaDropout", "Identity",
+                "ActivityRegularization"}
+# activation name -> (probabilities?, independent two-class units?); None: not known
+_ACTIVATIONS = {"softmax": (True, False), "sigmoid": (True, True), "linear": (False, None),
+                "log_softmax": (False, False)}
+# compiled loss (class or function name) -> independent two-class units?
+_LOSSES = {"binary_crossentropy": True, "binary_focal_crossentropy": True,
+           "categorical_crossentropy": False, "sparse_categorical_crossentropy": False,
+           "categorical_focal_crossentropy": False}
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a model's output holds, for the Fisher's label distribution.
+
+    ``probabilities``: the output is p (else logits); ``bernoulli``: every output unit is an
+    independent two-class distribution (sigmoid units, or one unit), else the last axis is
+    one categorical distribution; ``decided_by``: how kmerge knows (recorded in the merge).
+    """
+
+    probabilities: bool
+    bernoulli: bool
+    decided_by: str
 
 
 def predict_numpy(model, x) -> np.ndarray:
@@ -23,35 +59,161 @@ def predict_numpy(model, x) -> np.ndarray:
     return outs[0]
 
 
-def looks_like_probs(out: np.ndarray) -> bool:
-    if out.ndim < 2 or out.shape[-1] == 1:
-        return bool(out.min() >= 0 and out.max() <= 1)
-    return bool(out.min() >= 0 and np.allclose(out.sum(-1), 1.0, atol=1e-3))
+
+def _final_call(model):
+    """The call that makes the model's single output, skipping value-preserving layers
+    (Dropout, Identity, ...); None for a subclassed model or several outputs."""
+    from kmerge.graph.replay import is_graph_model, walk
+
+    if not is_graph_model(model):
+        return None
+    w = walk(model)
+    if len(w.outputs) != 1:
+        return None
+    call = w.producer_call(w.outputs[0])
+    while call is not None and type(call.op).__name__ in _TRANSPARENT and call.inputs:
+        call = w.producer_call(call.inputs[0])
+    return call
 
 
-def _log_probs_fn(probs: bool, binary: bool):
+def _activation_name(op) -> str | None:
+    """The activation a layer (or keras.ops operation) applies last; None when it has none."""
+    cls = type(op).__name__
+    if cls in ("Softmax", "Sigmoid", "LogSoftmax"):
+        if cls == "Softmax" and getattr(op, "axis", -1) not in (-1, [-1], (-1,)):
+            return f"softmax over axis {op.axis}"
+        return {"Softmax": "softmax", "Sigmoid": "sigmoid", "LogSoftmax": "log_softmax"}[cls]
+    act = getattr(op, "activation", None)
+    if act is None:
+        return None
+    return getattr(act, "__name__", None) or type(act).__name__
+
+
+def _loss_name(model) -> tuple[str, bool | None] | None:
+    """(loss name, from_logits) of a compiled single-output classification loss, else None."""
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, (list, tuple)) and len(loss) == 1:
+        loss = loss[0]
+    if isinstance(loss, dict) and len(loss) == 1:
+        loss = next(iter(loss.values()))
+    if loss is None or isinstance(loss, (list, tuple, dict)):
+        return None
+    if isinstance(loss, str):
+        name = loss
+    else:
+        fn = getattr(loss, "fn", loss)
+        name = getattr(fn, "__name__", None) or type(loss).__name__
+    name = name.lower()
+    key = next((k for k in sorted(_LOSSES, key=len, reverse=True) if k in name
+                or k.replace("_", "") in name), None)
+    if key is None:
+        return None
+    return key, bool(getattr(loss, "from_logits", False))
+
+
+def output_kind(model, outputs: str | None = None) -> OutputKind:
+    """Whether ``model``'s single output holds probabilities or logits, decided from the
+    model: the activation of the layer that makes the output (``softmax``/``sigmoid``:
+    probabilities; ``linear``/``log_softmax``: logits; an ``Activation``/``Softmax`` layer
+    counts), else the compiled loss's ``from_logits``. ``outputs="logits"|"probabilities"``
+    says it explicitly (it wins over both).
+
+    Sigmoid outputs, single-unit outputs and outputs trained with a binary cross-entropy
+    are independent two-class units; otherwise the last axis is one categorical distribution.
+
+    Raises:
+        InvalidArgumentError: The model does not say (a ``relu`` or custom final activation,
+            a subclassed model without a compiled classification loss), or its activation and
+            compiled loss disagree; the message names the model and output layer, and the fix
+            (``outputs="logits"`` or ``"probabilities"``).
+    """
+    if outputs is not None and outputs not in OUTPUTS:
+        raise InvalidArgumentError(f"fisher: outputs must be one of {', '.join(OUTPUTS)} "
+                                   f"(or None: decided from the model); received {outputs!r}")
+    name = getattr(model, "name", type(model).__name__)
+    units = None
+    if getattr(model, "outputs", None) and len(model.outputs) == 1:
+        units = model.outputs[0].shape[-1] if len(model.outputs[0].shape) > 1 else 1
+    call = _final_call(model)
+    act = _activation_name(call.op) if call is not None else None
+    from_act = _ACTIVATIONS.get(act) if act is not None else None
+    loss = _loss_name(model)
+    where = (f"the output layer {call.name!r} ({type(call.op).__name__}) of model {name!r}"
+             if call is not None else f"model {name!r}")
+    fix = ("pass outputs='logits' or outputs='probabilities' (merge_weights(..., "
+           "method='fisher', outputs=...)) to say what the output holds")
+    bern_loss = None if loss is None else _LOSSES[loss[0]]
+
+    def dist(bernoulli: bool | None) -> bool:
+        if bernoulli is not None:
+            return bernoulli
+        if bern_loss is not None:
+            return bern_loss
+        return units == 1
+
+    if outputs is not None:
+        bern = from_act[1] if from_act is not None else None
+        return OutputKind(outputs == "probabilities", dist(bern), f"outputs={outputs!r}")
+    if from_act is not None and loss is not None and from_act[0] == loss[1]:
+        # a softmax output trained with from_logits=True (or linear with from_logits=False)
+        raise InvalidArgumentError(
+            f"{where} applies {act!r} (so it outputs "
+            f"{'probabilities' if from_act[0] else 'logits'}) but the model was compiled with "
+            f"loss {loss[0]!r} from_logits={loss[1]}; kmerge cannot tell which is right: {fix}")
+    if from_act is not None:
+        return OutputKind(from_act[0], dist(from_act[1]),
+                          f"activation {act!r} of {where}")
+    if loss is not None:
+        return OutputKind(not loss[1], dist(None),
+                          f"compiled loss {loss[0]!r} from_logits={loss[1]} of model {name!r}")
+    what = (f"{where} applies {act!r}" if act is not None else
+            f"{where} has no activation kmerge can read" if call is not None else
+            f"model {name!r} is subclassed (no output layer to read) and not compiled with a "
+            "classification loss")
+    raise InvalidArgumentError(
+        f"method='fisher' needs to know whether the output is probabilities or logits, and "
+        f"{what}: neither softmax/sigmoid (probabilities) nor linear (logits); {fix}")
+
+
+def _log_probs_fn(kind: OutputKind):
+    """out (batch, ..., k) -> log-probabilities (batch, m): every column one outcome of an
+    independent distribution, so the Fisher is sum over columns of p (d log p)^2."""
     import keras
 
     ops = keras.ops
 
     def f(out):
-        if binary:
-            s = out[:, :1] if probs else ops.sigmoid(out[:, :1])
-            p = ops.concatenate([1.0 - s, s], axis=-1)
-            return ops.log(ops.clip(p, 1e-12, 1.0))
-        if probs:
-            return ops.log(ops.clip(out, 1e-12, 1.0))
-        return ops.log_softmax(out, axis=-1)
+        b = ops.shape(out)[0]
+        k = ops.shape(out)[-1] if len(ops.shape(out)) > 1 else 1
+        z = ops.reshape(out, (b, -1, k))
+        if kind.bernoulli:
+            if kind.probabilities:
+                p = ops.clip(z, 1e-12, 1.0)
+                q = ops.clip(1.0 - z, 1e-12, 1.0)
+                lp = ops.stack([ops.log(q), ops.log(p)], axis=-1)
+            else:
+                lp = ops.stack([ops.log_sigmoid(-z), ops.log_sigmoid(z)], axis=-1)
+        elif kind.probabilities:
+            lp = ops.log(ops.clip(z, 1e-12, 1.0))
+        else:
+            lp = ops.log_softmax(z, axis=-1)
+        return ops.reshape(lp, (b, -1))
 
     return f
 
 
-def fisher_diagonals(model, x, *, samples: int = 256, batch: int = 32) -> list[np.ndarray]:
+def fisher_diagonals(model, x, *, samples: int = 256, batch: int = 32,
+                     outputs: str | None = None,
+                     kind: OutputKind | None = None) -> list[np.ndarray]:
     """Diagonal Fisher of every variable of ``model`` (zeros for non-trainable ones).
 
     F = mean_x sum_c p(c|x) (d log p(c|x) / d theta)^2: the exact expectation over the model's
     own label distribution (Matena & Raffel, 2022). One per-example Jacobian per batch:
     ``jax.jacrev`` + ``vmap``, ``tf.GradientTape.jacobian`` or ``torch.autograd.grad``.
+    Whether the output is probabilities or logits comes from :func:`output_kind` (``outputs``
+    overrides it; ``kind`` passes one already decided). Sigmoid units are independent
+    two-class distributions (their Fishers add); otherwise each position's last axis is one
+    categorical distribution.
     """
     import keras
 
@@ -62,9 +224,15 @@ def fisher_diagonals(model, x, *, samples: int = 256, batch: int = 32) -> list[n
         raise InvalidArgumentError(
             f"method='fisher' supports models with one input; {model.name!r} has {len(xs)}")
     x = xs[0][:samples]
-    first = predict_numpy(model, x[:2]).reshape(2, -1)
-    probs, binary = looks_like_probs(first), first.shape[-1] == 1
-    to_logp = _log_probs_fn(probs, binary)
+    kind = kind or output_kind(model, outputs)
+    if kind.probabilities and kind.decided_by.startswith("outputs="):
+        first = predict_numpy(model, x[:batch])
+        if first.min() < 0 or first.max() > 1:
+            raise InvalidArgumentError(
+                f"outputs='probabilities' but model {model.name!r} predicts values in "
+                f"[{first.min():.3g}, {first.max():.3g}] on data x, outside [0, 1]: they are "
+                "not probabilities; pass outputs='logits'")
+    to_logp = _log_probs_fn(kind)
     trainable = list(model.trainable_variables)
     acc = [np.zeros(tuple(v.shape), np.float64) for v in trainable]
     backend = keras.backend.backend()
@@ -76,7 +244,7 @@ def fisher_diagonals(model, x, *, samples: int = 256, batch: int = 32) -> list[n
 
         def logp_one(tv, xi):
             out, _ = model.stateless_call(tv, ntv, xi[None], training=False)
-            return to_logp(jnp.reshape(out, (1, -1)))[0]
+            return to_logp(out)[0]
 
         jac = jax.jit(jax.vmap(jax.jacrev(logp_one), in_axes=(None, 0)))
         tv = [v.value for v in trainable]
@@ -92,7 +260,7 @@ def fisher_diagonals(model, x, *, samples: int = 256, batch: int = 32) -> list[n
         for s in range(0, len(x), batch):
             xb = tf.convert_to_tensor(x[s:s + batch])
             with tf.GradientTape() as tape:
-                logp = to_logp(tf.reshape(model(xb, training=False), (len(xb), -1)))
+                logp = to_logp(model(xb, training=False))
             jacs = tape.jacobian(logp, [v.value for v in trainable])
             p = np.exp(logp.numpy().astype(np.float64))
             for a, j in zip(acc, jacs):
@@ -104,7 +272,7 @@ def fisher_diagonals(model, x, *, samples: int = 256, batch: int = 32) -> list[n
         params = [v.value for v in trainable]
         for s in range(0, len(x), batch):
             xb = torch.as_tensor(x[s:s + batch])
-            logp = to_logp(torch.reshape(model(xb, training=False), (len(xb), -1)))
+            logp = to_logp(model(xb, training=False))
             p = torch.exp(logp).detach().double().cpu().numpy()
             for i in range(logp.shape[0]):
                 for c in range(logp.shape[1]):

@@ -26,7 +26,7 @@ __all__ = ["merge_methods", "SUPPLIED", "user_params", "supplied_params"]
 merge_methods: Registry[Callable] = Registry("merge method")
 
 #: Parameters filled in by ``merge_weights`` (per tensor), not by the user.
-SUPPLIED = frozenset({"weights", "base", "fishers", "grams", "path"})
+SUPPLIED = frozenset({"weights", "base", "fishers", "grams", "path", "thresholds"})
 
 
 def user_params(fn: Callable) -> dict[str, object]:

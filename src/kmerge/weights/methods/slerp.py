@@ -18,12 +18,16 @@ def slerp(tensors: Sequence[np.ndarray], *, t: float = 0.5) -> np.ndarray:
     """SLERP between two tensors (Shoemake, 1985; per tensor as in mergekit's slerp.py).
 
     The angle comes from the normalised tensors; the sin weights are applied to the
-    un-normalised ones. Nearly parallel tensors (|cos| > 0.9995) and zero tensors fall back to
-    linear interpolation ``(1 - t) a + t b``.
+    un-normalised ones. Nearly parallel tensors (|cos| > 0.9995) fall back to linear
+    interpolation ``(1 - t) a + t b``, and so does a zero tensor (kmerge's choice: mergekit
+    leaves a zero tensor unnormalised, takes the angle as 90 degrees and returns
+    ``sin(t pi / 2) b``).
 
     Args:
         tensors: Exactly two tensors: ``t=0`` gives the first, ``t=1`` the second.
-        t: Interpolation factor in [0, 1] (default 0.5).
+        t: Interpolation factor in [0, 1] (default 0.5). ``merge_weights(..., weights=[w_a,
+            w_b])`` sets ``t = w_b / (w_a + w_b)`` (:func:`interpolation_t`) and refuses ``t``
+            together with ``weights=``.
 
     >>> slerp([np.array([1.0, 0.0]), np.array([0.0, 1.0])], t=0.5)
     array([0.70710678, 0.70710678])
@@ -50,3 +54,14 @@ def slerp(tensors: Sequence[np.ndarray], *, t: float = 0.5) -> np.ndarray:
     theta = np.arccos(np.clip(dot, -1.0, 1.0))
     s = np.sin(theta)
     return (np.sin((1 - t) * theta) / s) * a + (np.sin(t * theta) / s) * b
+
+
+def interpolation_t(weights: Sequence[float] | None) -> float:
+    """slerp's ``t`` from the two models' weights: ``w_b / (w_a + w_b)`` (0.5 without)."""
+    if weights is None:
+        return 0.5
+    w = [float(x) for x in weights]
+    if len(w) != 2 or not sum(w) > 0:
+        raise InvalidArgumentError(f"slerp: weights must be two non-negative numbers with a "
+                                   f"positive sum; received {list(weights)!r}")
+    return w[1] / (w[0] + w[1])

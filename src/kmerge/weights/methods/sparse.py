@@ -49,6 +49,24 @@ def trim_top_k(taus: np.ndarray, density: float) -> np.ndarray:
     return np.where(mags >= thresh, flat, 0.0).reshape(taus.shape)
 
 
+def kth_largest(mags: np.ndarray, density: float) -> float:
+    """The magnitude a ``density`` fraction of ``mags`` reaches: the k-th largest entry with
+    ``k = ceil(density * size)`` (0 when every entry is kept)."""
+    flat = np.ravel(mags)
+    size = flat.size
+    k = int(np.ceil(density * size))
+    if k >= size or size == 0:
+        return 0.0
+    return float(np.partition(flat, size - k)[size - k])
+
+
+def trim_below(taus: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Zero the entries of each task vector ``i`` below ``thresholds[i]`` in magnitude (the
+    model-wide trim of TIES: thresholds from :func:`kth_largest` over the whole vector)."""
+    thr = np.asarray(thresholds, dtype=np.float64).reshape((-1,) + (1,) * (taus.ndim - 1))
+    return np.where(np.abs(taus) >= thr, taus, 0.0)
+
+
 def random_drop(taus: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
     """DARE: drop each entry with probability ``p`` and rescale survivors by 1/(1-p)."""
     if p == 0:
@@ -58,7 +76,10 @@ def random_drop(taus: np.ndarray, p: float, rng: np.random.Generator) -> np.ndar
 
 
 def elect_sign(taus: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Elected sign per entry: the sign of the (weighted) total mass, +1 where it is 0."""
+    """Elected sign per entry: the sign of the (weighted) total mass, +1 where it is 0
+    (mergekit's rule; the TIES authors' code gives them the majority of all elected signs
+    instead). The rule matters only where non-zero entries cancel exactly: entries that are
+    zero in every task vector merge to 0 either way."""
     mass = np.tensordot(weights, taus, axes=1)
     return np.where(mass >= 0, 1.0, -1.0)
 
