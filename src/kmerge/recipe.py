@@ -120,17 +120,35 @@ class ParallelStep(_Step):
     output: dict[str, Ref] | None = None
     share_inputs: bool = True
     adapter: Literal["auto", "none"] = "none"
+    keep_outputs: bool = False
+
+
+class ProbeStep(_Step):
+    """Rank every tap of the models by a linear probe on the training split
+    (``kmerge.probe``) and print the table; a later fuse step with ``taps: auto`` and
+    ``probe: NAME`` fuses its best combination."""
+
+    kind: Literal["probe"]
+    models: list[str] = Field(min_length=1)
+    taps: Literal["all"] | list[Ref] | dict[str, Literal["all"] | list[Ref]] = "all"
+    pooling: Literal["auto", "avg", "max", "none"] = "auto"
+    validation_split: float = Field(0.2, gt=0.0, lt=1.0)
+    top: int = Field(3, gt=0)
 
 
 class FuseStep(_Step):
     kind: Literal["fuse"]
-    taps: dict[str, Ref | list[Ref]]
+    # taps: auto lets kmerge.probe choose them on the training split (models: names them)
+    taps: dict[str, Ref | list[Ref]] | Literal["auto"]
+    models: list[str] | None = None  # with taps: auto
+    probe: str | None = None  # with taps: auto: an earlier probe step's choice
     combine: str = "concat"
     head: HeadSpec | None = None
     pooling: Literal["auto", "avg", "max", "none"] = "auto"
     freeze: Freeze = True
     share_inputs: bool = True
     adapter: Literal["auto", "none"] = "none"
+    keep_outputs: bool = False
 
 
 class WeightsStep(_Step):
@@ -200,11 +218,12 @@ class SaveStep(_Strict):
 
 
 Step = Annotated[
-    SequentialStep | ParallelStep | FuseStep | WeightsStep | FitHeadStep | FineTuneStep
-    | DistillStep | VerifyStep | EvaluateStep | SaveStep,
+    SequentialStep | ParallelStep | FuseStep | ProbeStep | WeightsStep | FitHeadStep
+    | FineTuneStep | DistillStep | VerifyStep | EvaluateStep | SaveStep,
     Field(discriminator="kind"),
 ]
 BUILDS = ("sequential", "parallel", "fuse", "weights", "distill")
+STEP_KINDS = (*BUILDS, "probe", "fit_head", "fine_tune", "verify", "evaluate", "save")
 
 
 class Recipe(_Strict):
@@ -244,10 +263,10 @@ _UNION_TAGS = ("bool", "str", "int", "float", "none")
 
 def _loc(loc: tuple) -> str:
     out = ""
-    for part in loc:
+    for k, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in BUILDS + ("fit_head", "fine_tune", "verify", "evaluate", "save"):
+        elif part in STEP_KINDS and k and isinstance(loc[k - 1], int):
             continue  # the discriminator's branch name adds nothing for the reader
         elif part in _UNION_TAGS or "[" in part or "-" in part:
             continue  # a union member's type tag (freeze.bool, taps.x.list[...])
@@ -375,8 +394,7 @@ def _group_message(where: str, same: list[dict]) -> str:
         return f"unknown key {err['loc'][-1]!r}"
     if err["type"] == "union_tag_invalid":
         kind = given.get("kind") if isinstance(given, dict) else given
-        return (f"unknown step kind {kind!r}; kinds are sequential, parallel, fuse, weights, "
-                "fit_head, fine_tune, distill, verify, evaluate, save")
+        return (f"unknown step kind {kind!r}; kinds are {', '.join(STEP_KINDS)}")
     wants = []
     for e in same:
         if e["type"] == "bool_type":
@@ -484,7 +502,8 @@ def _check_semantics(recipe: Recipe, problems: _Problems, *, check_files: bool) 
             problems.add(where, f"{value!r} is not a model or an earlier step.{hint} "
                          f"Known so far: {', '.join(known)}")
 
-    needs_data = ("fit_head", "fine_tune", "distill", "evaluate")
+    needs_data = ("fit_head", "fine_tune", "distill", "evaluate", "probe")
+    probes: dict[str, list[str]] = {}  # probe step name -> its models
     for i, step in enumerate(recipe.steps):
         at = f"steps[{i}]"
         kind = step.kind
@@ -498,8 +517,13 @@ def _check_semantics(recipe: Recipe, problems: _Problems, *, check_files: bool) 
             if isinstance(value, str):
                 ref(value, f"{at}.{field}")
         if kind == "fuse":
-            for m in step.taps:
-                ref(m, f"{at}.taps.{m}")
+            _check_fuse_taps(step, at, probes, recipe.data is not None, problems, ref)
+        if kind == "probe":
+            if isinstance(step.taps, dict):
+                for m in step.taps:
+                    if m not in step.models:
+                        problems.add(f"{at}.taps.{m}", f"{m!r} is not among the step's models "
+                                     f"{step.models}")
         if kind == "distill":
             teachers = [step.teacher] if isinstance(step.teacher, str) else step.teacher
             for j, t in enumerate(teachers):
@@ -510,16 +534,58 @@ def _check_semantics(recipe: Recipe, problems: _Problems, *, check_files: bool) 
             hint = f" Did you mean {close[0]!r}?" if close else ""
             problems.add(f"{at}.combine", f"unknown combine op {step.combine!r}.{hint} "
                          f"Valid: {', '.join(COMBINE_OPS)}")
+        if kind in ("parallel", "fuse") and step.keep_outputs and step.freeze is not True:
+            names = step.models if kind == "parallel" else (
+                list(step.taps) if step.taps != "auto" else step.models or [])
+            loose = [n for n in names if step.freeze is False or n not in step.freeze]
+            if loose:
+                problems.add(f"{at}.keep_outputs", "keep_outputs: true keeps each source's own "
+                             f"outputs unchanged, but freeze leaves {loose} trainable; use "
+                             "freeze: true")
         if kind == "weights":
             _check_method(step, problems, at)
         if kind in BUILDS:
             name = step.name or f"step_{i}"
-            if name in known:
+            if name in known or name in probes:
                 problems.add(f"{at}.name", f"name {name!r} is already used")
             else:
                 known.append(name)
+        if kind == "probe":
+            name = step.name or f"step_{i}"
+            if name in known or name in probes:
+                problems.add(f"{at}.name", f"name {name!r} is already used")
+            else:
+                probes[name] = list(step.models)
     # output paths against inputs and each other, as far as the recipe alone decides them
     _resolve_outputs(recipe, problems, out_dir=None, report=None)
+
+
+def _check_fuse_taps(step: FuseStep, at: str, probes: dict[str, list[str]], has_data: bool,
+                     problems: _Problems, ref: Any) -> None:
+    """``taps``: a mapping by model, or ``auto`` with ``models`` and/or ``probe``."""
+    if step.taps != "auto":
+        for m in step.taps:
+            ref(m, f"{at}.taps.{m}")
+        for key in ("models", "probe"):
+            if getattr(step, key) is not None:
+                problems.add(f"{at}.{key}", f"{key}: is used only with taps: auto (the taps "
+                             "here are given by hand): drop it")
+        return
+    if step.probe is not None:
+        if step.probe not in probes:
+            known = ", ".join(probes) or "none so far"
+            problems.add(f"{at}.probe", f"{step.probe!r} is not an earlier probe step (probe "
+                         f"steps: {known})")
+        elif step.models is not None and set(step.models) != set(probes[step.probe]):
+            problems.add(f"{at}.models", f"the probe step {step.probe!r} probed "
+                         f"{probes[step.probe]}, not {step.models}; drop models: to fuse "
+                         "what it probed")
+    elif step.models is None:
+        problems.add(f"{at}.models", "taps: auto needs the models to probe (models: [a, b]) "
+                     "or an earlier probe step (probe: NAME)")
+    elif not has_data:
+        problems.add(f"{at}.taps", "taps: auto probes the models on the training data: add "
+                     "a data: section")
 
 
 def _check_method(step: WeightsStep, problems: _Problems, at: str) -> None:
@@ -803,8 +869,8 @@ def reference_markdown() -> str:
     sections = [("Recipe (top level)", Recipe), ("models.NAME", ModelSpec), ("data", DataSpec),
                 ("head (in parallel and fuse steps)", HeadSpec),
                 ("student (in distill steps)", StudentSpec)]
-    steps = [SequentialStep, ParallelStep, FuseStep, WeightsStep, FitHeadStep, FineTuneStep,
-             DistillStep, VerifyStep, EvaluateStep, SaveStep]
+    steps = [SequentialStep, ParallelStep, FuseStep, ProbeStep, WeightsStep, FitHeadStep,
+             FineTuneStep, DistillStep, VerifyStep, EvaluateStep, SaveStep]
     lines = ["# Recipe reference", "",
              "Generated from `kmerge/recipe.py` by `python -m kmerge.recipe`; a test checks it "
              "is current. Unknown keys are errors. Relative paths start at the recipe's folder.",

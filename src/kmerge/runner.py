@@ -54,6 +54,7 @@ class RunResult:
     log: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # also in the report's notes
     seed: int = 0
+    probes: dict[str, Any] = field(default_factory=dict)  # probe step name -> ProbeResult
 
 
 def recipe_seed(recipe: Recipe) -> int:
@@ -345,8 +346,13 @@ def predict(model, x, batch_size: int = 256) -> list[np.ndarray]:
 
 
 def score(model, data: Data, batch_size: int = 256) -> float:
-    """Test accuracy (classification) or mean squared error (regression)."""
+    """Test accuracy (classification) or mean squared error (regression); a multi-task merge
+    (``keep_outputs``) is scored on its new output."""
+    from kmerge.graph.build import task_output
+
     outs = predict(model, data.x_test, batch_size=batch_size)
+    if (meta_of(model) or {}).get("keep_outputs"):
+        outs = [outs[task_output(model)]]
     if len(outs) != 1:
         raise InvalidArgumentError(
             f"model {model.name!r} has {len(outs)} outputs; evaluate scores models with one "
@@ -558,12 +564,32 @@ def _step(i: int, step, models: dict, data: Data | None, result: RunResult,
         models[name] = kmerge.parallel(
             {m: models[m] for m in step.models}, combine=step.combine, head=build_head(step.head, seed),
             freeze=freeze_arg(step.freeze), weights=step.weights, output=step.output,
-            share_inputs=step.share_inputs, adapter=step.adapter, name=name)
+            share_inputs=step.share_inputs, adapter=step.adapter, keep_outputs=step.keep_outputs,
+            name=name)
+    elif kind == "probe":
+        result.probes[name] = _probe(step.models, step.taps, models, data, seed,
+                                     pooling=step.pooling, top=step.top,
+                                     validation_split=step.validation_split)
+        show(str(result.probes[name]))
+    elif kind == "fuse" and step.taps == "auto":
+        if step.probe is not None:
+            chosen = result.probes[step.probe]
+        else:
+            chosen = _probe(step.models, "all", models, data, seed, pooling=step.pooling)
+            show(str(chosen))
+        echo("fusing the probe's best combination: " + ", ".join(
+            f"{m}: {t}" for m, t in chosen.best_taps.items()))
+        models[name] = kmerge.fuse(
+            {m: models[m] for m in chosen.models}, taps=chosen, combine=step.combine,
+            head=build_head(step.head, seed), pooling=step.pooling, freeze=freeze_arg(step.freeze),
+            share_inputs=step.share_inputs, adapter=step.adapter, keep_outputs=step.keep_outputs,
+            name=name)
     elif kind == "fuse":
         models[name] = kmerge.fuse(
             {m: (models[m], refs) for m, refs in step.taps.items()}, combine=step.combine,
             head=build_head(step.head, seed), pooling=step.pooling, freeze=freeze_arg(step.freeze),
-            share_inputs=step.share_inputs, adapter=step.adapter, name=name)
+            share_inputs=step.share_inputs, adapter=step.adapter, keep_outputs=step.keep_outputs,
+            name=name)
     elif kind == "weights":
         train = (data.x_train, data.y_train) if data is not None else None
         models[name] = kmerge.merge_weights(
@@ -606,6 +632,16 @@ def _step(i: int, step, models: dict, data: Data | None, result: RunResult,
         staged.stage(step.model, models[step.model], target.path, target.overwrite)
         echo(f"staged {step.model} for {target.path} (written when the recipe is done)")
     return name
+
+
+def _probe(names: list[str], taps: Any, models: dict, data: Data, seed: int, **options: Any):
+    """``kmerge.probe`` of the named models on the training split (each model gets the data
+    shaped for its own inputs)."""
+    import kmerge
+
+    srcs = {m: models[m] for m in names}
+    x = {m: inputs_for(model, data.x_train) for m, model in srcs.items()}
+    return kmerge.probe(srcs, x, data.y_train, taps=taps, seed=seed, **options)
 
 
 def format_scores(scores: dict[str, float], *, classification: bool) -> str:

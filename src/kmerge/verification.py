@@ -247,6 +247,10 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
         merged_job = Job(submodel([mw.tensors[i] for i in in_ids],
                                   [mw.tensors[i] for i in targets]), flat)
         labels = [f"output {i}" for i in range(len(outputs))] + [f"tap {r!r}" for r, _ in taps]
+        kept = ((meta.get("keep_outputs") or {}).get("kept") or {}).get(name)
+        if kept is not None:
+            _check_kept(merged, mw, name, kept, targets[:len(outputs)])
+            labels[:len(kept)] = [f"output {i} (kept as {k!r})" for i, k in enumerate(kept)]
         pairs.append(_Pair(name, src, labels, len(outputs), source_job, places, merged_job))
     # Each source next to its copy: on jax, identical programs compile once.
     results = run_all([job for p in pairs for job in (p.source_job, p.merged_job)])
@@ -276,6 +280,24 @@ def verify(merged: keras.Model, sources: Mapping[str, keras.Model] | None = None
         error.report = report
         raise error
     return report
+
+
+def _check_kept(merged: keras.Model, mw: Any, name: str, kept: list, targets: list) -> None:
+    """A multi-task merge's kept outputs are the source's outputs: the model output each name
+    in ``kept`` gives is the tensor recorded as the source's output (``targets``, walk ids),
+    so comparing those tensors with the source checks what the model returns."""
+    named = merged.output if isinstance(merged.output, Mapping) else {}
+    ids = {id(t): i for i, t in enumerate(mw.tensors)}
+    if len(kept) != len(targets):
+        raise VerificationError(
+            f"model {merged.name!r} keeps {len(kept)} output(s) {kept} of source {name!r}, "
+            f"which has {len(targets)}: its kmerge metadata does not match its graph")
+    for i, (key, wid) in enumerate(zip(kept, targets)):
+        if key not in named or ids.get(id(named[key])) != wid:
+            raise VerificationError(
+                f"model {merged.name!r}'s output {key!r} is not source {name!r}'s output {i} "
+                f"(its outputs are {list(named)}): the model or its kmerge metadata was edited "
+                "after merging; merge again with keep_outputs=True")
 
 
 def _max_diff(want: np.ndarray, have: np.ndarray, name: str, what: str) -> float:

@@ -22,6 +22,7 @@ from kmerge.verification import verify as check
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 FREEZE_DOC = "freeze must be True, False, or a set of source names"
+NEW_OUTPUT = "head"  # the output a multi-task merge adds beside the kept ones
 
 
 def named_models(models: Any, *, minimum: int, what: str) -> dict[str, keras.Model]:
@@ -84,6 +85,36 @@ def frozen_names(freeze: Any, names: Iterable[str]) -> set[str]:
             f"freeze names {sorted(unknown)} are not sources; sources are {names}"
         )
     return chosen
+
+
+def check_keep_outputs(keep_outputs: Any, frozen: set[str], names: Iterable[str]) -> bool:
+    """``keep_outputs`` as a bool; the kept outputs must stay the sources' own, so every
+    source must be frozen."""
+    from kmerge.arguments import flag
+
+    keep = flag(keep_outputs, "keep_outputs")
+    loose = [n for n in names if n not in frozen]
+    if keep and loose:
+        raise InvalidArgumentError(
+            f"keep_outputs=True keeps each source's own outputs unchanged, but freeze leaves "
+            f"{loose} trainable (training would change their outputs); pass freeze=True, or "
+            "keep_outputs=False"
+        )
+    return keep
+
+
+def task_output(model: keras.Model) -> int:
+    """The position in ``model.outputs`` of the output a task is trained and scored on: the
+    new output of a multi-task merge (``keep_outputs=True``), else the first."""
+    from kmerge.metadata import meta_of
+
+    new = ((meta_of(model) or {}).get("keep_outputs") or {}).get("new")
+    if new is None:
+        return 0
+    named = model.output  # a Functional model's output structure: here {name: tensor}
+    if not isinstance(named, Mapping) or new not in named:
+        return 0
+    return [id(t) for t in model.outputs].index(id(named[new]))
 
 
 def shape_of(t) -> tuple:
@@ -267,8 +298,35 @@ class GraphBuilder:
         return out
 
     # -- finish -------------------------------------------------------------------
-    def finish(self, output, *, verify: bool, probe=None):
+    def kept_outputs(self, new) -> tuple[dict[str, Any], dict[str, list[str]], str]:
+        """The outputs of a multi-task merge: each source's own output(s), named after the
+        source (``"a"``, or ``"a_0"``, ``"a_1"`` for several), then ``new`` as ``"head"``
+        (``"head2"`` ... if a source took that name). The kept tensors are the rebuilt
+        graph's own: the layers the taps and the combine read run once for every output."""
+        outputs: dict[str, Any] = {}
+        kept: dict[str, list[str]] = {}
+        for n, r in self.rebuilt.items():
+            keys = [n] if len(r.outputs) == 1 else [f"{n}_{i}" for i in range(len(r.outputs))]
+            kept[n] = []
+            for key, t in zip(keys, r.outputs):
+                base, k = key, 2
+                while key in outputs:
+                    key, k = f"{base}_{k}", k + 1
+                outputs[key] = t
+                kept[n].append(key)
+        key, k = NEW_OUTPUT, 2
+        while key in outputs:
+            key, k = f"{NEW_OUTPUT}{k}", k + 1
+        outputs[key] = new
+        return outputs, kept, key
+
+    def finish(self, output, *, verify: bool, probe=None, keep_outputs: bool = False):
+        """The merged model (or its plan), its metadata, verified. ``keep_outputs``: a
+        multi-task merge whose outputs are a dict, the sources' own beside ``output``."""
         ins = self.inputs[0] if len(self.inputs) == 1 else self.inputs
+        kept = None
+        if keep_outputs:
+            output, kept, new = self.kept_outputs(output)
         model = keras.Model(ins, output, name=self.name)
         w = walk(model)
         present = {id(t) for t in w.tensors}
@@ -300,6 +358,10 @@ class GraphBuilder:
             **derivation(*self.sources.values()),
             "notes": [f"{n}: {note}" for n, r in self.rebuilt.items() for note in r.notes],
         }
+        if kept is not None:
+            # which model outputs are each source's own (verify compares them with the
+            # sources) and which one is new (fit_head trains it, reports score it)
+            meta["keep_outputs"] = {"kept": kept, "new": new}
         attach(model, meta)
         if self.dry_run:
             return self.plan(model, meta)
@@ -323,7 +385,9 @@ class GraphBuilder:
                 "params": int(m.count_params()),
                 "frozen": n in self.frozen,
             })
-        out_shapes = [_adapters.fmt(shape_of(t)) for t in model.outputs]
+        named = model.output if isinstance(model.output, Mapping) else None
+        out_shapes = ([f"{k} {_adapters.fmt(shape_of(t))}" for k, t in named.items()] if named
+                      else [_adapters.fmt(shape_of(t)) for t in model.outputs])
         return Plan(
             kind=self.kind, name=self.name, branches=branches, adapters=self.adapters,
             combine=self.combine_name, head=self.head,

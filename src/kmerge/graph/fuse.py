@@ -13,6 +13,7 @@ from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph.build import (
     GraphBuilder,
     check_adapter_mode,
+    check_keep_outputs,
     frozen_names,
     named_models,
     shape_of,
@@ -136,6 +137,7 @@ def fuse(
     share_inputs: bool = True,
     adapter: str = "none",
     weights=None,
+    keep_outputs: bool = False,
     name: str | None = None,
     verify: bool = True,
     dry_run: bool = False,
@@ -160,6 +162,10 @@ def fuse(
         share_inputs: As in :func:`kmerge.parallel`.
         adapter: ``"auto"`` projects unequal shapes for element-wise combine ops.
         weights: Fixed weights for ``combine="weighted"``, one per tap.
+        keep_outputs: A multi-task merge: the outputs are a dict of each source's own
+            output(s), unchanged, and the new head ``"head"``; the source outputs come from
+            the same copied layers the taps read (every layer runs once). Needs every
+            source frozen. See :func:`kmerge.parallel`.
         name: Name of the merged model.
         verify: Check after building that each source is reproduced bit-exactly.
         dry_run: Return a printable plan instead of a model.
@@ -185,8 +191,9 @@ def fuse(
     if n_feats < 2:
         raise InvalidArgumentError("fuse needs at least two taps in all (one model, two layers is fine)")
     fixed = check_weights(weights, n_feats, op=combine, what="tap")
-    builder = GraphBuilder("fuse", sources, frozen_names(freeze, sources), name=name,
-                           dry_run=dry_run)
+    frozen = frozen_names(freeze, sources)
+    keep = check_keep_outputs(keep_outputs, frozen, sources)
+    builder = GraphBuilder("fuse", sources, frozen, name=name, dry_run=dry_run)
     inputs = builder.inputs_for(list(sources), share=share_inputs)
     feats = {}
     for n in sources:
@@ -198,7 +205,7 @@ def fuse(
     x = combine_branches(builder, feats, combine=combine, adapter=mode, weights=fixed)
     x = apply_head(head, x, name=builder.own_prefix("head"))
     builder.head = describe_head(head)
-    merged = builder.finish(x, verify=verify)
+    merged = builder.finish(x, verify=verify, keep_outputs=keep)
     if result is not None:
         _record_probe(merged, result)
     return merged

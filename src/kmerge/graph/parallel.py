@@ -9,7 +9,13 @@ import keras
 
 from kmerge.arguments import flag, model_name, normalised_weights
 from kmerge.errors import InvalidArgumentError
-from kmerge.graph.build import GraphBuilder, check_adapter_mode, frozen_names, named_models
+from kmerge.graph.build import (
+    GraphBuilder,
+    check_adapter_mode,
+    check_keep_outputs,
+    frozen_names,
+    named_models,
+)
 from kmerge.graph.combine import combine_ops
 from kmerge.graph.heads import apply_head, describe_head
 
@@ -73,6 +79,7 @@ def parallel(
     output: dict[str, int | str] | None = None,
     share_inputs: bool = True,
     adapter: str = "none",
+    keep_outputs: bool = False,
     name: str | None = None,
     verify: bool = True,
     dry_run: bool = False,
@@ -90,12 +97,20 @@ def parallel(
         share_inputs: Sources whose input specs agree share one Input; False gives each
             its own (same shape, different meaning).
         adapter: ``"auto"`` projects unequal branch shapes for element-wise ops.
+        keep_outputs: A multi-task merge: the model's outputs are a dict of each source's
+            own output(s), unchanged (``"a"``, or ``"a_0"``, ``"a_1"`` for a source with
+            several), and the new output ``"head"``; one forward pass serves the old tasks
+            and the new one. Needs every source frozen.
         name: Name of the merged model.
         verify: Check after building that each source is reproduced bit-exactly.
         dry_run: Return a printable plan instead of a model.
 
     >>> m = kmerge.parallel({"a": a, "b": b}, combine="concat",
     ...                     head=kmerge.heads.classifier(10, hidden=[64]))
+    >>> m = kmerge.parallel({"a": a, "b": b}, head=kmerge.heads.classifier(10),
+    ...                     keep_outputs=True)
+    >>> sorted(m.predict(x))  # a's and b's outputs and the head's, one pass
+    ['a', 'b', 'head']
     """
     mode = check_adapter_mode(adapter)
     name, verify, dry_run = model_name(name), flag(verify, "verify"), flag(dry_run, "dry_run")
@@ -111,8 +126,9 @@ def parallel(
     unknown = set(output) - set(sources)
     if unknown:
         raise InvalidArgumentError(f"output names {sorted(unknown)} are not sources: {list(sources)}")
-    builder = GraphBuilder("parallel", sources, frozen_names(freeze, sources), name=name,
-                           dry_run=dry_run)
+    frozen = frozen_names(freeze, sources)
+    keep = check_keep_outputs(keep_outputs, frozen, sources)
+    builder = GraphBuilder("parallel", sources, frozen, name=name, dry_run=dry_run)
     inputs = builder.inputs_for(list(sources), share=share_inputs)
     tensors = {}
     for n in sources:
@@ -121,4 +137,4 @@ def parallel(
     x = combine_branches(builder, tensors, combine=combine, adapter=mode, weights=fixed)
     x = apply_head(head, x, name=builder.own_prefix("head"))
     builder.head = describe_head(head)
-    return builder.finish(x, verify=verify)
+    return builder.finish(x, verify=verify, keep_outputs=keep)

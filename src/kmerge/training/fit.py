@@ -28,15 +28,17 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
 
+from kmerge import _keras
 from kmerge.arguments import integer
 from kmerge.errors import InvalidArgumentError, LayerNotFoundError
+from kmerge.graph.replay import submodel
 from kmerge.metadata import meta_of
 from kmerge.training.data import CHUNK, Feed, Source, as_list, device_count, pad, to_numpy, unpack
 from kmerge.training.guard import unchanged_on_failure
@@ -122,6 +124,46 @@ def _feed(p: _Prepared, *, batch_size: int, shuffle: bool, seed: int, devices: i
                  shuffle=shuffle, seed=seed, devices=devices)
 
 
+def _task_view(model: keras.Model) -> tuple[keras.Model, list[str]]:
+    """What :func:`fit_head` trains: ``model`` itself, or - when its outputs are named (a
+    dict, as in a multi-task merge made with ``keep_outputs=True``) and some of them are
+    computed by the frozen part alone - the same layers with only the outputs that can learn,
+    and their names.
+
+    A frozen output (a source's own, kept unchanged) has nothing to learn and no labels here:
+    its loss is off. Training the view is ``fit`` on the whole model with those losses off
+    (the frozen outputs get no gradient either way), without computing the frozen outputs.
+    """
+    if not _keras.is_functional(model) or not isinstance(model.output, Mapping):
+        return model, []
+    named = dict(model.output)
+    s = split(model)
+    learning = {id(c) for c in s.trainable_calls}
+    position = {id(t): j for j, t in enumerate(model.outputs)}
+    learn = {}
+    for key, t in named.items():
+        call = s.walk.producer_call(s.walk.outputs[position[id(t)]])
+        if call is not None and id(call) in learning:
+            learn[key] = t
+    if not learn or len(learn) == len(named):
+        return model, []
+    outs = next(iter(learn.values())) if len(learn) == 1 else learn
+    return submodel(model.inputs, outs, name=f"{model.name}_task"), list(learn)
+
+
+def _hand_over(model: keras.Model, view: keras.Model, trained: Any, optimizer: Any, *,
+               loss: Any, metrics: Any, keys: list[str]) -> None:
+    """Leave ``model`` compiled as it trained (see :func:`hand_over_optimizer`); a task view
+    (:func:`_task_view`) trained only the outputs ``keys``: the model's loss is on those
+    alone. Keras's metrics need labels for every named output, so a multi-task model is
+    compiled with its loss only."""
+    if view is model:
+        hand_over_optimizer(model, trained, optimizer, loss=loss, metrics=metrics)
+        return
+    losses = dict(loss) if isinstance(loss, Mapping) else {k: loss for k in keys}
+    hand_over_optimizer(model, trained, optimizer, loss=losses, metrics=None)
+
+
 def _check_positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
@@ -175,6 +217,13 @@ def fit_head(
     multiple of the device count with zero-weight samples (the loss is still the mean over the
     real samples), so no batch size fails.
 
+    A multi-task merge (``kmerge.parallel(..., keep_outputs=True)`` or ``fuse``) trains its new
+    output (``"head"``) alone, on ``y`` labelled for it: the kept outputs are the frozen
+    sources' own, computed by the frozen part, and their losses are off (Keras multi-output
+    training with a loss on one output). Afterwards the model is compiled with
+    ``loss={"head": ...}`` (no metrics: Keras's metrics want labels for every output), so
+    ``model.evaluate(x, {"head": y})`` works.
+
     Args:
         model: A Functional or Sequential model (e.g. from ``kmerge.parallel``) with some
             trainable layers.
@@ -201,7 +250,8 @@ def fit_head(
     Returns:
         The ``keras.callbacks.History``; ``history.model`` is ``model`` and
         ``history.kmerge`` says what was cached (``{"cache": "memory" | "disk" | None,
-        "boundary": [...], "feature_seconds": ...}``).
+        "boundary": [...], "feature_seconds": ..., "outputs": [...]}``; ``outputs`` names
+        the outputs trained when some were left out, as in a multi-task merge).
 
     Raises:
         InvalidArgumentError: nothing trainable, ``x`` and ``y`` lengths differ, labels outside
@@ -230,8 +280,9 @@ def fit_head(
     keras.utils.set_random_seed(seed)
     verbose_i = check_verbose(verbose)
     devices = device_count()
+    view, keys = _task_view(model)  # a multi-task merge trains its new output alone
     with unchanged_on_failure(model, "fit_head"):
-        src = Source(x, y, model, batch_size=batch_size)
+        src = Source(x, y, view, batch_size=batch_size)
         if cache is not None and src.kind != "arrays" and src.looks_random():
             warnings.warn(
                 "the input pipeline returns different inputs when the same batch is read twice "
@@ -240,9 +291,15 @@ def fit_head(
                 StaleCacheWarning, stacklevel=2,
             )
         if cache is None and src.kind in ("factory", "once"):
-            return _plain_fit(model, src, x, epochs=epochs, validation_data=validation_data,
-                              callbacks=callbacks, verbose=verbose, optimizer=optimizer, loss=loss,
-                              metrics=metrics)
+            history = _plain_fit(view, src, x, epochs=epochs, validation_data=validation_data,
+                                 callbacks=callbacks, verbose=verbose, optimizer=optimizer,
+                                 loss=loss, metrics=metrics)
+            if view is not model:
+                _hand_over(model, view, view.optimizer, optimizer, loss=loss, metrics=metrics,
+                           keys=keys)
+                history.set_model(model)
+            history.kmerge["outputs"] = keys
+            return history
 
         folder: list[str] = []
 
@@ -258,12 +315,12 @@ def fit_head(
             t0 = time.perf_counter()
             if cache is None:
                 s = None
-                train_model = model
+                train_model = view
                 extractor = None
             else:
-                s = split(model)
-                extractor = frozen_submodel(model, s)
-                train_model = trainable_submodel(model, s)
+                s = split(view)
+                extractor = frozen_submodel(view, s)
+                train_model = trainable_submodel(view, s)
             mode = cache if cache in ("memory", "disk") else "auto"
             if src.kind == "pydataset" and cache is None:
                 prepared, on_disk = None, False
@@ -275,11 +332,11 @@ def fit_head(
             else:
                 y_check = to_numpy(unpack(src.dataset[0], "x")[1])
             if loss is None:
-                loss, default_metrics = infer_loss(model, y_check)
+                loss, default_metrics = infer_loss(view, y_check)
                 if metrics is None:
                     metrics = default_metrics
             if prepared is not None:
-                check_labels(model, prepared.y, loss)
+                check_labels(view, prepared.y, loss)
             if prepared is not None:
                 feed = _feed(prepared, batch_size=batch_size, shuffle=shuffle, seed=seed,
                              devices=devices)
@@ -288,14 +345,14 @@ def fit_head(
 
                 def fetch(i: int):
                     bx, by, bw = unpack(ds[i], "x")
-                    return ([to_numpy(a) for a in as_list(bx, model)], to_numpy(by),
+                    return ([to_numpy(a) for a in as_list(bx, view)], to_numpy(by),
                             None if bw is None else to_numpy(bw))
 
                 feed = Feed(fetch=fetch, n_blocks=len(ds), shuffle=shuffle, seed=seed,
                              devices=devices)
             val_feed = None
             if validation_data is not None:
-                vsrc = _validation_source(validation_data, model, batch_size)
+                vsrc = _validation_source(validation_data, view, batch_size)
                 vprep, _ = _extract(extractor, vsrc, mode=mode, folder=temp_folder, devices=devices,
                                     verbose=0, label="val")
                 val_feed = _feed(vprep, batch_size=batch_size, shuffle=False, seed=seed,
@@ -310,8 +367,8 @@ def fit_head(
                 # Leave the full model ready for evaluate/predict with the loss it trained on,
                 # and with the optimizer state it trained with (built for the full model's
                 # variables: a saved model reloads it without a mismatch).
-                hand_over_optimizer(model, train_model.optimizer, optimizer, loss=loss,
-                                    metrics=metrics)
+                _hand_over(model, view, train_model.optimizer, optimizer, loss=loss,
+                           metrics=metrics, keys=keys)
         finally:
             nodes.__exit__(None, None, None)
             if folder:
@@ -324,6 +381,7 @@ def fit_head(
             "feature_seconds": feature_seconds,
             "seed": seed,
             "devices": devices,
+            "outputs": keys,
         }
         return history
 
@@ -341,7 +399,9 @@ def hand_over_optimizer(model: keras.Model, trained: keras.optimizers.Optimizer,
     fresh value.
     """
     opt = fresh_optimizer(optimizer)
-    model.compile(optimizer=opt, loss=loss, metrics=list(metrics or []))
+    # no metrics argument at all without metrics: an empty list still makes Keras match
+    # labels to every named output of a multi-task model
+    model.compile(optimizer=opt, loss=loss, **({"metrics": list(metrics)} if metrics else {}))
     opt.build(model.trainable_variables)
     if trained is None or not getattr(trained, "built", False):
         return
@@ -508,6 +568,13 @@ def fine_tune(
             learning_rate > 0):
         raise InvalidArgumentError(f"learning_rate must be a positive number, got {learning_rate!r}")
     checked_walk(model)
+    kept = ((meta_of(model) or {}).get("keep_outputs") or {}).get("kept")
+    if kept:
+        raise InvalidArgumentError(
+            f"model {model.name!r} keeps its sources' outputs {sorted(sum(kept.values(), []))} "
+            "unchanged (keep_outputs=True); fine_tune would unfreeze source layers and change "
+            "them. Train the new head with kmerge.fit_head, or merge without keep_outputs to "
+            "fine-tune")
     chosen = choose_layers(model, unfreeze)
     before = {n: model.get_layer(n).trainable for n in chosen}
     for n in chosen:
