@@ -14,6 +14,7 @@ import kmerge
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, SaveError
 from kmerge.weights import MergeCollapseWarning, merge_weights_files
 from kmerge.weights.methods import merge_methods
+from kmerge.weights.validate import variable_paths
 
 
 @keras.saving.register_keras_serializable(package="kmerge_tests")
@@ -80,9 +81,9 @@ def test_task_methods_match_the_numpy_function_per_tensor(pair):
                        ("dare", {"p": 0.3, "then": "ties"})]:
         m = kmerge.merge_weights([a, b], method=method, base=base, **kw)
         fn = merge_methods.get(method)
-        for v, got, wa, wb, w0 in zip(m.weights, weights_of(m), weights_of(a), weights_of(b),
-                                      weights_of(base)):
-            extra = {"path": v.path} if method == "dare" else {}
+        for path, got, wa, wb, w0 in zip(variable_paths(m), weights_of(m), weights_of(a),
+                                         weights_of(b), weights_of(base)):
+            extra = {"path": path} if method == "dare" else {}  # canonical: no model name
             want = fn([wa, wb], weights=[.5, .5], base=w0, **kw, **extra)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -274,7 +275,7 @@ def test_drift_report(pair):
     m = kmerge.merge_weights([a, b], method="linear")
     meta = kmerge.info(m)
     assert meta["kind"] == "weights" and meta["method"] == "linear"
-    path = m.weights[0].path
+    path = variable_paths(m)[0]
     wa, wb, wm = weights_of(a)[0], weights_of(b)[0], weights_of(m)[0]
     want = [np.linalg.norm(wm - wa) / np.linalg.norm(wa), np.linalg.norm(wm - wb) / np.linalg.norm(wb)]
     np.testing.assert_allclose(meta["drift"][path], want, rtol=1e-5)
@@ -331,8 +332,6 @@ def test_streaming_matches_in_memory(tmp_path):
             del kw["base"]
         memory = kmerge.merge_weights([a, b], method=method, **kw)
         for got, want, v in zip(weights_of(streamed), weights_of(memory), memory.weights):
-            if method == "dare":  # masks are seeded by the variable name, as named in each case
-                continue
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{method} {v.path}")
         drift = kmerge.info(streamed)["drift"]
         assert kmerge.info(streamed)["streamed"]

@@ -710,6 +710,29 @@ def _fuse(args, echo) -> int:
     return _finish(m, args, echo, models, data)
 
 
+def _stream_plan(args) -> tuple[bool, str | None]:
+    """Whether ``kmerge weights`` streams (``merge_weights_files``: tensor by tensor from
+    the files, the models never loaded), and why not when the files could stream but the
+    options need the live models (None: the inputs are not streamable files at all)."""
+    from kmerge.weights.stream import NOT_STREAMABLE, STREAMABLE_SUFFIXES
+
+    files = [*args.models, *([args.base] if args.base else [])]
+    kinds = set()
+    for text in files:
+        path, weights = model_arg(text)
+        kind = next((k for k in STREAMABLE_SUFFIXES if path.lower().endswith(k)), None)
+        if weights is not None or kind is None:
+            return False, None
+        kinds.add(kind)
+    if len(kinds) != 1 or not args.output.lower().endswith(next(iter(kinds))):
+        return False, None
+    needs = [why for cond, why in [
+        (args.method in NOT_STREAMABLE, f"method {args.method} runs the models on data"),
+        (args.align is not None, "--align permutes the loaded models"),
+        (args.repair is not None, "--repair runs the merged model on data")] if cond]
+    return (not needs), ("; ".join(needs) or None)
+
+
 def _weights(args, echo) -> int:
     import warnings
 
@@ -723,8 +746,24 @@ def _weights(args, echo) -> int:
                                    f"{args.method!r}; use {flags[key]}")
     weights = parse_weights(args.weights)
     _check_output(args.output, args.overwrite, [*args.models, *([args.base] if args.base else [])])
+    stream, why_not = _stream_plan(args)
     data = _load_data(args, echo)
     sources = _names(args.models)
+    if stream:
+        from kmerge.weights import merge_weights_files
+
+        echo(f"streaming: {args.method} merge tensor by tensor from the files, without "
+             "loading the models")
+        out = merge_weights_files(args.models, args.output, method=args.method,
+                                  base=args.base, weights=weights, overwrite=args.overwrite,
+                                  **params)
+        if data is not None:  # the evaluation loads the result and the sources
+            _evaluate(_load_one(str(out)), {n: _load_one(p) for n, p in sources.items()}, data,
+                      "merged")
+        echo(f"saved {out}")
+        return 0
+    if why_not:
+        echo(f"not streaming (the models are loaded): {why_not}")
     models = {n: _load_one(p) for n, p in sources.items()}
     base = _load_one(args.base) if args.base else None
     train = (data.x_train, data.y_train) if data is not None else None

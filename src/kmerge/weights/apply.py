@@ -47,6 +47,7 @@ from kmerge.weights.validate import (
     path_candidates,
     resolve_method,
     split_data,
+    variable_paths,
 )
 
 __all__ = ["merge_weights", "MergeCollapseWarning", "method_names", "COLLAPSE_RATIO"]
@@ -501,7 +502,7 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         loaded = [loaded[0]] + [align_fn(loaded[0], m, method=align, data=x) for m in loaded[1:]]
 
     ref = loaded[0]
-    paths = [v.path for v in ref.weights]
+    paths = variable_paths(ref)  # canonical: the same from files (merge_weights_files)
     float_vars = [is_float(v.dtype) for v in ref.weights]
     excluded = set()
     for pat, rx in excl:

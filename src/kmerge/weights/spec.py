@@ -13,6 +13,7 @@ import numpy as np
 
 from kmerge.errors import IncompatibleModelsError
 from kmerge.graph import replay
+from kmerge.weights.validate import layer_config_difference
 
 
 # ----------------------------------------------------------------------------- graph walk
@@ -63,17 +64,6 @@ def layer_weights(op: Any) -> list:
     return list(getattr(op, "weights", None) or [])
 
 
-IGNORED_CONFIG = {"name", "trainable", "seed", "dtype"}
-
-
-def comparable_config(layer: keras.layers.Layer) -> dict:
-    try:
-        cfg = layer.get_config()
-    except Exception:  # custom layers without get_config: compare types and shapes only
-        return {}
-    return {k: v for k, v in cfg.items() if k not in IGNORED_CONFIG}
-
-
 def check_same(ref: SpecWalk, other: SpecWalk, names: tuple[str, str]) -> None:
     """Raise IncompatibleModelsError at the first structural difference."""
     a, b = names
@@ -98,12 +88,11 @@ def check_same(ref: SpecWalk, other: SpecWalk, names: tuple[str, str]) -> None:
                 f"models {a!r} and {b!r} differ at {where}: variable shapes {sa} vs {sb}; "
                 "alignment needs the same architecture"
             )
-        ca, cb = comparable_config(la), comparable_config(lb)
-        if ca != cb:
-            key = next(k for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k))
+        diff = layer_config_difference(la, lb)  # the weight merges' one config comparison
+        if diff is not None:
             raise IncompatibleModelsError(
-                f"models {a!r} and {b!r} differ at {where}: config {key!r} is "
-                f"{ca.get(key)!r} vs {cb.get(key)!r}; alignment needs the same architecture"
+                f"models {a!r} and {b!r} differ at {where}: config {diff[0]!r} is "
+                f"{diff[1]!r} vs {diff[2]!r}; alignment needs the same architecture"
             )
     for na, nb in zip(ref.nodes, other.nodes):
         if (na.layer, na.inputs) != (nb.layer, nb.inputs):

@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -40,11 +41,12 @@ from kmerge.weights.validate import (
     check_fast,
     check_param_names,
     compile_patterns,
-    dig,
-    first_config_difference,
     normalise_weights,
+    owned_variables,
     path_candidates,
     resolve_method,
+    same_architecture,
+    variable_name,
 )
 
 __all__ = ["merge_weights_files", "STREAMABLE_SUFFIXES"]
@@ -52,8 +54,25 @@ __all__ = ["merge_weights_files", "STREAMABLE_SUFFIXES"]
 STREAMABLE_SUFFIXES = (".keras", ".weights.h5")
 _WEIGHTS_MEMBER = "model.weights.h5"
 _META_MEMBER = "kmerge.json"
-_NOT_STREAMABLE = ("fisher", "regmean", "greedy_soup")
-_GRAPH_KEYS = {"name", "trainable", "seed", "inbound_nodes", "input_layers", "output_layers"}
+NOT_STREAMABLE = ("fisher", "regmean", "greedy_soup")
+_NOT_STREAMABLE = NOT_STREAMABLE
+#: Variable names of Keras's built-in layers in the order ``save_own_variables`` writes
+#: them, by the file's group name (the class name in snake case): how a ``.weights.h5``
+#: file, which has no config, gets the names a model in memory has. Optional trailing
+#: variables (``bias``) may be absent; other counts fall back to ``vars/<i>``.
+_KNOWN_VARIABLES = {
+    **dict.fromkeys(("dense", "einsum_dense", "conv1d", "conv2d", "conv3d", "conv1d_transpose",
+                     "conv2d_transpose", "conv3d_transpose", "depthwise_conv1d",
+                     "depthwise_conv2d"), ("kernel", "bias")),
+    **dict.fromkeys(("separable_conv1d", "separable_conv2d"),
+                    ("depthwise_kernel", "pointwise_kernel", "bias")),
+    "embedding": ("embeddings",),
+    "batch_normalization": ("gamma", "beta", "moving_mean", "moving_variance"),
+    "layer_normalization": ("gamma", "beta"),
+    "group_normalization": ("gamma", "beta"),
+    "rms_normalization": ("scale",),
+    "p_re_lu": ("alpha",),
+}
 
 
 class _Window(io.RawIOBase):
@@ -114,9 +133,10 @@ def _member_offset(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> in
     return info.header_offset + 30 + name_len + extra_len
 
 
-def _recorded_lineage(p: Path) -> set[str]:
-    """The files a saved merge was derived from, as its kmerge metadata records them (empty
-    when it has none or it cannot be read: the metadata only adds protection)."""
+def _recorded(p: Path) -> tuple[set[str], set[str]]:
+    """The files a saved merge was derived from and their weight fingerprints, as its kmerge
+    metadata records them (empty when it has none or it cannot be read: the metadata only
+    adds protection)."""
     import h5py
 
     try:
@@ -129,9 +149,15 @@ def _recorded_lineage(p: Path) -> set[str]:
         meta = json.loads(raw) if raw is not None else {}
         meta = localized(meta, p.parent) if isinstance(meta, dict) else {}
         paths = meta.get("source_paths", [])
-        return {str(Path(q).resolve()) for q in paths if isinstance(q, str) and q}
-    except (OSError, ValueError, RecursionError, zipfile.BadZipFile):
-        return set()
+        prints = meta.get("source_fingerprints", [])
+        return ({str(Path(q).resolve()) for q in paths if isinstance(q, str) and q},
+                {q for q in prints if isinstance(q, str)} if isinstance(prints, list) else set())
+    except (OSError, ValueError, RecursionError, zipfile.BadZipFile, AttributeError):
+        return set(), set()
+
+
+def _recorded_lineage(p: Path) -> set[str]:
+    return _recorded(p)[0]
 
 
 @contextlib.contextmanager
@@ -171,44 +197,74 @@ def _datasets(f) -> list[str]:
 
 
 def _layer_chain(f, ds_path: str) -> list[str]:
-    """Layer names from the ``vars`` groups' ``name`` attributes ('blk', 'd')."""
-    parts = ds_path.split("/")
+    """The names of the layers from below the model down to the one that owns the dataset
+    (``layers/sequential/layers/dense/vars/0`` -> ``['block_1', 'conv']``): the ``name``
+    attribute Keras writes on the ``vars`` group of each layer on the way."""
+    parts = ds_path.split("/")[:-2]  # drop 'vars/<i>'
     chain = []
-    for i in range(len(parts)):
-        if parts[i] == "vars" and i > 0:
-            name = f["/".join(parts[:i + 1])].attrs.get("name")
-            if name is not None:
-                chain.append(name.decode() if isinstance(name, bytes) else str(name))
-    # a layer's own vars group is the last one; ancestors contribute their vars names
+    for i in range(1, len(parts) + 1):
+        group = f.get("/".join(parts[:i] + ["vars"]))
+        name = None if group is None else group.attrs.get("name")
+        if name is not None:
+            chain.append(name.decode() if isinstance(name, bytes) else str(name))
     return chain
 
 
-def _friendly_names(f, config: dict | None, datasets: list[str]) -> dict[str, str]:
+def _known_names(group_key: str, count: int) -> list[str] | None:
+    """Variable names of a built-in layer from its group name and variable count."""
+    full = _KNOWN_VARIABLES.get(re.sub(r"_\d+$", "", group_key))
+    if full is None:
+        return None
+    if count == len(full):
+        return list(full)
+    if full[-1] == "bias" and count == len(full) - 1:
+        return list(full[:-1])
+    if full[-1] == "moving_variance" and count in (2, 3):  # center/scale switched off
+        return ["vars/0"] * (count - 2) + list(full[-2:])
+    return None
+
+
+_STATISTIC_LAYERS = ("BatchNormalization", "Normalization")
+
+
+def _friendly_names(f, config: dict | None,
+                    datasets: list[str]) -> tuple[dict[str, str], set[str]]:
+    """Each dataset's canonical variable path, as :func:`kmerge.weights.variable_paths`
+    names it in memory (``"block_1/conv/kernel"``), and the datasets that are statistics
+    (the non-trainable float variables of BatchNormalization and Normalization layers:
+    a merge averages them, as ``merge_weights`` does)."""
     groups: dict[str, list[str]] = {}
     for d in datasets:
         groups.setdefault(d.rsplit("/", 1)[0], []).append(d)
-    names: dict[str, str] = {}
     skeleton = _skeleton(config) if config is not None else None
+    owned: dict[tuple, list] = {}
+    if skeleton is not None:
+        try:
+            for chain, layer, v in owned_variables(skeleton):
+                stat = type(layer).__name__ in _STATISTIC_LAYERS and not v.trainable
+                owned.setdefault(chain, []).append((v, stat))
+        except Exception:  # an unusual model: built-in names, else vars/<i>
+            owned = {}
+    names: dict[str, str] = {}
+    stats: set[str] = set()
     for group, members in groups.items():
         members.sort(key=lambda d: int(d.rsplit("/", 1)[1]) if d.rsplit("/", 1)[1].isdigit() else 0)
         chain = _layer_chain(f, members[0])
-        layer_path = "/".join(chain) if chain else group
+        vs = owned.get(tuple(chain))
         var_names = None
-        if skeleton is not None and chain:
-            try:
-                layer = skeleton
-                for n in chain:
-                    layer = layer.get_layer(n)
-                vs = layer.weights
-                if len(vs) == len(members) and all(tuple(v.shape) == f[m].shape
-                                                   for v, m in zip(vs, members)):
-                    var_names = [v.name for v in vs]
-            except Exception:  # any lookup failure: fall back to vars/<i>
-                var_names = None
+        if vs is not None and len(vs) == len(members) and all(
+                tuple(v.shape) == f[m].shape for (v, _), m in zip(vs, members)):
+            var_names = [variable_name(v) for v, _ in vs]
+            stats.update(m for (_, stat), m in zip(vs, members) if stat)
+        parts = group.split("/")
+        if var_names is None and len(parts) >= 2:
+            var_names = _known_names(parts[-2], len(members))
+            if var_names and re.sub(r"_\d+$", "", parts[-2]) == "batch_normalization":
+                stats.update(m for m, v in zip(members, var_names) if v.startswith("moving_"))
+        prefix = "/".join(chain) + "/" if chain else ""
         for i, m in enumerate(members):
-            names[m] = f"{layer_path}/{var_names[i]}" if var_names else \
-                f"{layer_path}/vars/{m.rsplit('/', 1)[1]}"
-    return names
+            names[m] = prefix + (var_names[i] if var_names else f"vars/{m.rsplit('/', 1)[1]}")
+    return names, stats
 
 
 def _skeleton(config: dict):
@@ -224,36 +280,42 @@ def _skeleton(config: dict):
         return None
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()
-                if k not in _GRAPH_KEYS and not k.endswith("_initializer")}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
+def _value(raw: np.ndarray, bf16: bool) -> np.ndarray:
+    """A dataset's data as Keras reads it: ``|V2`` data with a ``dtype='bfloat16'``
+    attribute is bfloat16 (``ml_dtypes``)."""
+    if not bf16:
+        return raw
+    import ml_dtypes
+
+    return raw.view(ml_dtypes.bfloat16)
 
 
-def _check_configs(configs: list[dict], names: list[str]) -> None:
-    fix = "weight merges need one architecture; merge different models with kmerge.parallel"
-    ref = configs[0]
-    for cfg, name in zip(configs[1:], names[1:]):
-        la = ref.get("config", {}).get("layers", [])
-        lb = cfg.get("config", {}).get("layers", [])
-        for a, b in zip(la, lb):
-            lname = a.get("config", {}).get("name", "?")
-            if a.get("class_name") != b.get("class_name"):
-                raise IncompatibleModelsError(
-                    f"{names[0]} and {name} differ at layer {lname!r}: {a.get('class_name')} "
-                    f"vs {b.get('class_name')}; {fix}")
-            ca, cb = _clean(a.get("config", {})), _clean(b.get("config", {}))
-            diff = first_config_difference(ca, cb)
-            if diff is not None:
-                raise IncompatibleModelsError(
-                    f"{names[0]} and {name} differ at layer {lname!r}: config {diff!r} is "
-                    f"{dig(ca, diff)!r} vs {dig(cb, diff)!r}; {fix}")
-        if len(la) != len(lb):
-            raise IncompatibleModelsError(f"{names[0]} has {len(la)} layers but {name} has "
-                                          f"{len(lb)}; {fix}")
+def _is_bfloat16(ds) -> bool:
+    tag = ds.attrs.get("dtype")
+    return (tag.decode() if isinstance(tag, bytes) else tag) == "bfloat16"
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"
+
+
+def _digest(a: np.ndarray) -> str | None:
+    """One array's part of :func:`kmerge.metadata.fingerprint` (as stored in the file)."""
+    import hashlib
+
+    if a.dtype.kind != "f" or a.size < 2:
+        return None
+    h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=16)
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _fingerprint(digests: list[str]) -> str | None:
+    import hashlib
+
+    if not digests:
+        return None
+    return hashlib.blake2b("".join(sorted(digests)).encode(), digest_size=16).hexdigest()
 
 
 def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike, *,
@@ -332,8 +394,8 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
         raise SaveError(f"{out}: the inputs are {kind} files, so the output must end in {kind}")
     if not out.parent.is_dir():
         raise SaveError(f"{out}: the directory {out.parent} does not exist; create it first")
-    ancestry = sorted({str(p.resolve()) for p in all_in}.union(
-        *(_recorded_lineage(p) for p in all_in)))
+    recorded = [_recorded(p) for p in all_in]
+    ancestry = sorted({str(p.resolve()) for p in all_in}.union(*(r[0] for r in recorded)))
     if str(out.resolve()) in ancestry:
         raise SaveError(f"{out}: is a source file (or a file a source was derived from); kmerge "
                         "never overwrites a source: choose another path")
@@ -352,10 +414,11 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
             files = [o[0] for o in opened]
             configs = [o[1] for o in opened]
             if kind == ".keras":
-                _check_configs(configs, names)
+                for cfg, name in zip(configs[1:], names[1:]):
+                    same_architecture(configs[0], cfg, (names[0], name))
             dsets = [_datasets(f) for f in files]
             ref = dsets[0]
-            friendly = _friendly_names(files[0], configs[0], ref)
+            friendly, statistics = _friendly_names(files[0], configs[0], ref)
             for f, ds, name in zip(files[1:], dsets[1:], names[1:]):
                 for a, b in zip(ref, ds):
                     if a != b or files[0][a].shape != f[b].shape:
@@ -364,6 +427,12 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
                             f"shape {files[0][a].shape} vs "
                             f"{f[b].shape if b in f else 'absent'} ({b}); weight merges need "
                             "one architecture")
+                    ta, tb = _dtype_name(files[0][a]), _dtype_name(f[b])
+                    if ta != tb:
+                        raise IncompatibleModelsError(
+                            f"{names[0]} and {name} store variable {friendly[a]!r} as {ta} and "
+                            f"{tb}: a merge would silently round one of them; save both with "
+                            "one dtype policy and merge again")
                 if len(ds) != len(ref):
                     raise IncompatibleModelsError(
                         f"{names[0]} has {len(ref)} variables but {name} has {len(ds)}; weight "
@@ -381,37 +450,78 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
                 if not any(rx.fullmatch(fn_) for fn_ in fnames):
                     raise InvalidArgumentError(f"params pattern {pat!r} matches no variable; "
                                                f"variables are: {', '.join(fnames[:12])}")
+            # statistics are averaged with the merge's coefficients, as in memory
+            linear = resolve_method("linear")
+            t = float(method_params.get("t", 0.5))
+            coeffs = [1.0 - t, t] if method == "slerp" else list(norm_w)
             drift: dict[str, list[float]] = {}
             copied = []
+            digests: list[list[str]] = [[] for _ in all_in]
             with h5py.File(tmp_h5, "w") as dst:
                 _mirror_groups(files[0], dst)
                 for k, (d, name) in enumerate(zip(ref, fnames)):
-                    first = files[0][d][()]
-                    is_float = np.issubdtype(first.dtype, np.floating)
-                    if not is_float or name in excluded:
+                    raw = [np.asarray(f[d][()]) for f in files[:n]]
+                    base_raw = np.asarray(files[n][d][()]) if base is not None else None
+                    for i, a in enumerate(raw + ([base_raw] if base is not None else [])):
+                        digest = _digest(a)
+                        if digest is not None:
+                            digests[i].append(digest)
+                    bf16 = _is_bfloat16(files[0][d])
+                    vals = [_value(a, bf16) for a in raw]
+                    first = vals[0]
+                    if not _is_float(first) or name in excluded:
                         merged = first
                         copied.append(name)
                     else:
-                        tensors = [first] + [f[d][()] for f in files[1:n]]
-                        kwargs = tensor_kwargs(
-                            sup, name, method_params, compiled, weights=norm_w,
-                            base=files[n][d][()] if "base" in sup else None)
+                        # bfloat16 is upcast (exactly) to float32 for the method and the
+                        # result cast back once: the same numbers as the merge in memory
+                        up = [t.astype(np.float32) for t in vals] if bf16 else vals
+                        b = None
+                        if "base" in sup:
+                            b = _value(base_raw, bf16)
+                            b = b.astype(np.float32) if bf16 else b
+                        kwargs = tensor_kwargs(sup, name, method_params, compiled,
+                                               weights=norm_w, base=b)
                         with np.errstate(over="ignore", invalid="ignore"):
-                            merged = np.asarray(fn(tensors, **kwargs)).astype(first.dtype)
-                        refuse_non_finite([merged], [name], [[t] for t in tensors],
-                                           names[:n], method)
-                        drift[name] = [_relative_distance(merged, t) for t in tensors]
-                        del tensors, kwargs
-                    dst.create_dataset(d, data=merged)
-                    del merged, first
+                            if d in statistics:  # statistics stay statistics: averaged
+                                merged = np.asarray(linear(up, weights=coeffs))
+                            else:
+                                merged = np.asarray(fn(up, **kwargs))
+                            merged = merged.astype(first.dtype)
+                        check = merged.astype(np.float32) if bf16 else merged
+                        refuse_non_finite([check], [name], [[t] for t in up], names[:n], method)
+                        drift[name] = [_relative_distance(merged, t) for t in up]
+                        del up, kwargs, check, b
+                    out_ds = dst.create_dataset(d, data=merged)
+                    if bf16:
+                        out_ds.attrs["dtype"] = "bfloat16"  # how Keras tags bfloat16 data
+                    del merged, first, raw, base_raw, vals
                     if progress:
                         print(f"[{k + 1}/{len(ref)}] {name} {files[0][d].shape}",
                               file=sys.stderr, flush=True)
+                prints = {p for p in map(_fingerprint, digests) if p}.union(
+                    *(r[1] for r in recorded))
+                if out.exists():
+                    from kmerge.io import file_fingerprint
+
+                    if file_fingerprint(out) in prints:
+                        raise SaveError(
+                            f"{out}: holds the weights of a source (or of a model a source "
+                            "was derived from); kmerge never overwrites a source: choose "
+                            "another path")
                 meta = {"kind": "weights", "method": method, "method_params": method_params,
                         "params": {p: o for p, _, o in compiled},
                         "exclude": [p for p, _ in excl], "weights": norm_w, "streamed": True,
-                        "source_paths": ancestry, "drift": drift,
-                        "copied": copied, "seconds": time.perf_counter() - t0}
+                        "source_paths": ancestry, "source_fingerprints": sorted(prints),
+                        "drift": drift, "copied": copied,
+                        "excluded_variables": sorted(excluded),
+                        **({"statistics": {
+                            "variables": [fnames[i] for i, d in enumerate(ref)
+                                          if d in statistics and fnames[i] not in excluded],
+                            "rule": "weighted average with the merge's coefficients"}}
+                           if statistics else {}),
+                        "copied_non_float": [c for c in copied if c not in excluded],
+                        "seconds": time.perf_counter() - t0}
                 if drift:
                     worst = max(drift, key=lambda k_: max(drift[k_]))
                     meta["max_drift"] = {"variable": worst, "value": max(drift[worst])}
@@ -429,6 +539,10 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
         tmp_h5.unlink(missing_ok=True)
         tmp_out.unlink(missing_ok=True)
     return out
+
+
+def _dtype_name(ds) -> str:
+    return "bfloat16" if _is_bfloat16(ds) else str(ds.dtype)
 
 
 def _relative_distance(m: np.ndarray, t: np.ndarray, chunk: int = 1 << 20) -> float:

@@ -8,6 +8,7 @@ import inspect
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,12 @@ from kmerge.weights.methods import merge_methods, supplied_params, user_params
 
 GREEDY = "greedy_soup"
 DATA_METHODS = ("fisher", "regmean", GREEDY)
-IGNORED_CONFIG_KEYS = {"name", "trainable", "seed"}
+#: Config keys that do not change what a layer computes: names, seeds, trainable flags and
+#: the ids Keras writes when it serializes a shared object (``shared_object_id``: differs
+#: between processes). Keys ending in ``_initializer``, ``_regularizer`` or ``_constraint``
+#: are ignored too (they act at build time or during training, never in a forward pass).
+IGNORED_CONFIG_KEYS = {"name", "trainable", "seed", "shared_object_id"}
+IGNORED_CONFIG_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
 
 
 def method_names() -> list[str]:
@@ -162,14 +168,15 @@ def leaf_layers(model) -> list:
 
 
 def clean_config(obj: Any) -> Any:
-    """A layer config without what does not change the function: names, seeds, initializers,
-    trainable flags. A dtype policy stays, as its name ("mixed_float16" vs "float32" is another
-    computation): the generic rule would drop its ``name``."""
+    """A layer config without what does not change the function (:data:`IGNORED_CONFIG_KEYS`
+    and keys ending in :data:`IGNORED_CONFIG_SUFFIXES`, at any depth). A dtype policy stays,
+    as its name ("mixed_float16" vs "float32" is another computation): the generic rule
+    would drop its ``name``."""
     if isinstance(obj, dict) and str(obj.get("class_name", "")).endswith("DTypePolicy"):
         return f"dtype policy {obj.get('config', {}).get('name')}"
     if isinstance(obj, dict):
         return {k: clean_config(v) for k, v in obj.items()
-                if k not in IGNORED_CONFIG_KEYS and not k.endswith("_initializer")}
+                if k not in IGNORED_CONFIG_KEYS and not str(k).endswith(IGNORED_CONFIG_SUFFIXES)}
     if isinstance(obj, (list, tuple)):
         return [clean_config(v) for v in obj]
     return obj
@@ -195,54 +202,158 @@ def dig(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+@dataclass
+class ArchLayer:
+    """One leaf layer as the architecture comparison sees it."""
+
+    path: str  # layer names below the model, 'block_1/conv'
+    cls: str
+    config: Any  # clean_config of the serialized config (None: not comparable)
+    variables: list[tuple[str, tuple]] | None  # (path, shape), or None when not known
+
+
+_CONTAINERS = ("Functional", "Sequential", "Model")
+
+
+def _config_layers(cfg: dict, prefix: str = "") -> list[ArchLayer]:
+    out = []
+    for layer in (cfg.get("config") or {}).get("layers") or []:
+        if not isinstance(layer, dict):
+            continue
+        cls = str(layer.get("class_name", "?"))
+        inner = layer.get("config") or {}
+        name = str(inner.get("name", layer.get("name", "?")))
+        if cls == "InputLayer":
+            continue
+        if cls in _CONTAINERS and isinstance(inner.get("layers"), list):
+            out.extend(_config_layers(layer, f"{prefix}{name}/"))
+        else:
+            out.append(ArchLayer(prefix + name, cls, clean_config(inner), None))
+    return out
+
+
+def _model_layers(model) -> list[ArchLayer]:
+    import keras
+
+    out = []
+
+    def walk(m, prefix: str) -> None:
+        for layer in getattr(m, "layers", []):
+            if type(layer).__name__ == "InputLayer":
+                continue
+            if getattr(layer, "layers", None):
+                walk(layer, f"{prefix}{layer.name}/")
+                continue
+            try:
+                cfg = clean_config(keras.saving.serialize_keras_object(layer).get("config"))
+            except Exception:  # custom layers without a serializable config
+                cfg = None
+            out.append(ArchLayer(prefix + layer.name, type(layer).__name__, cfg,
+                                 [(v.path, tuple(v.shape)) for v in layer.weights]))
+
+    walk(model, "")
+    return out
+
+
+def architecture(model_or_config: Any) -> list[ArchLayer]:
+    """The leaf layers (nested models inlined, input layers skipped) of a Keras model or of
+    a serialized model config (a ``.keras`` archive's ``config.json``), in order."""
+    if isinstance(model_or_config, dict):
+        return _config_layers(model_or_config)
+    return _model_layers(model_or_config)
+
+
+def config_difference(a: Any, b: Any) -> tuple[str, Any, Any] | None:
+    """The first key where two cleaned layer configs differ, with both values (None when
+    they agree or either is unknown)."""
+    if a is None or b is None:
+        return None
+    diff = first_config_difference(a, b)
+    return None if diff is None else (diff, dig(a, diff), dig(b, diff))
+
+
+def layer_config_difference(la, lb) -> tuple[str, Any, Any] | None:
+    """:func:`config_difference` of two live layers (what :func:`same_architecture` compares
+    per layer; :func:`kmerge.align` uses it too)."""
+    import keras
+
+    def cfg(layer):
+        try:
+            return clean_config(keras.saving.serialize_keras_object(layer).get("config"))
+        except Exception:
+            return None
+
+    return config_difference(cfg(la), cfg(lb))
+
+
+def same_architecture(a: Any, b: Any, names: Sequence[str] = ("models[0]", "models[1]"), *,
+                      fix: str | None = None) -> None:
+    """Refuse two models (or two ``config.json`` configs) that do not compute the same kind of
+    function; the first difference is named.
+
+    The one architecture comparison of weight merges: :func:`kmerge.merge_weights`,
+    :func:`kmerge.align` and :func:`kmerge.weights.merge_weights_files` all use it. Leaf
+    layers are compared in order (nested models inlined, input layers skipped, so a
+    Sequential and its Functional twin compare equal): class, variable shapes (when known)
+    and config. Ignored: names, seeds, ``trainable``, serialization ids
+    (``shared_object_id``, different in every process), initializers, regularizers and
+    constraints. Kept: everything else, the dtype policy included.
+
+    Raises:
+        IncompatibleModelsError: naming the layer, and the config key and both values (or
+            the classes, or the variable and both shapes).
+    """
+    fix = fix or ("weight merges need one architecture; merge different models with "
+                  "kmerge.parallel or kmerge.fuse instead")
+    na, nb = names[0], names[1]
+    la, lb = architecture(a), architecture(b)
+    for i, (x, y) in enumerate(zip(la, lb)):
+        if x.cls != y.cls:
+            raise IncompatibleModelsError(
+                f"{na} and {nb} differ at layer #{i}: {x.path!r} is {x.cls} in {na} but "
+                f"{y.path!r} is {y.cls} in {nb}; {fix}")
+        if x.variables is not None and y.variables is not None:
+            for (pa, sa), (pb, sb) in zip(x.variables, y.variables):
+                if sa != sb:
+                    raise IncompatibleModelsError(
+                        f"{na} and {nb} differ at layer {x.path!r} ({x.cls}), variable "
+                        f"{pa!r}: shape {sa} in {na} but {sb} in {nb} ({pb!r}); {fix}")
+            if len(x.variables) != len(y.variables):
+                raise IncompatibleModelsError(
+                    f"{na} and {nb} differ at layer {x.path!r} ({x.cls}): "
+                    f"{len(x.variables)} variables in {na} ({[p for p, _ in x.variables]}) "
+                    f"but {len(y.variables)} in {nb} ({[p for p, _ in y.variables]}); {fix}")
+        diff = config_difference(x.config, y.config)
+        if diff is not None:
+            key, va, vb = diff
+            how = fix if key != "dtype" else (
+                "a merge would silently compute in one of them; build both with one dtype "
+                "policy (keras.config.set_dtype_policy) and copy the weights in")
+            raise IncompatibleModelsError(
+                f"{na} and {nb} differ at layer {x.path!r} ({x.cls}): config {key!r} is "
+                f"{va!r} in {na} but {vb!r} in {nb}; {how}")
+    if len(la) != len(lb):
+        longer = la if len(la) > len(lb) else lb
+        extra = longer[min(len(la), len(lb))]
+        raise IncompatibleModelsError(
+            f"{na} has {len(la)} layers but {nb} has {len(lb)}; the first layer without a "
+            f"counterpart is {extra.path!r} ({extra.cls}); {fix}")
+
+
 def check_compatible(models: Sequence[Any], names: Sequence[str]) -> None:
-    """Refuse models that are not the same architecture; the first difference is named.
+    """Refuse models that are not the same architecture (:func:`same_architecture`), or
+    whose variables differ in number, shape or dtype; the first difference is named.
 
     Raises:
         IncompatibleModelsError: Layer classes, variable counts or shapes, or layer configs
-            (apart from names, seeds, initializers and trainable flags) differ.
+            (apart from names, seeds, initializers, regularizers, constraints, serialization
+            ids and trainable flags) differ.
     """
     fix = ("weight merges need one architecture; merge different models with kmerge.parallel "
            "or kmerge.fuse instead")
     ref, ref_name = models[0], names[0]
-    ref_layers = leaf_layers(ref)
     for other, name in zip(models[1:], names[1:]):
-        layers = leaf_layers(other)
-        for i, (la, lb) in enumerate(zip(ref_layers, layers)):
-            ca, cb = type(la).__name__, type(lb).__name__
-            if ca != cb:
-                raise IncompatibleModelsError(
-                    f"{ref_name} and {name} differ at layer #{i}: {la.name!r} is {ca} in "
-                    f"{ref_name} but {lb.name!r} is {cb} in {name}; {fix}")
-            wa, wb = la.weights, lb.weights
-            for va, vb in zip(wa, wb):
-                if tuple(va.shape) != tuple(vb.shape):
-                    raise IncompatibleModelsError(
-                        f"{ref_name} and {name} differ at layer {la.name!r} ({ca}), variable "
-                        f"{va.path!r}: shape {tuple(va.shape)} in {ref_name} but "
-                        f"{tuple(vb.shape)} in {name} ({vb.path!r}); {fix}")
-            if len(wa) != len(wb):
-                raise IncompatibleModelsError(
-                    f"{ref_name} and {name} differ at layer {la.name!r} ({ca}): {len(wa)} "
-                    f"variables in {ref_name} ({[v.path for v in wa]}) but {len(wb)} in {name} "
-                    f"({[v.path for v in wb]}); {fix}")
-            cfa, cfb = clean_config(la.get_config()), clean_config(lb.get_config())
-            diff = first_config_difference(cfa, cfb)
-            if diff is not None:
-                how = fix if diff != "dtype" else (
-                    "a merge would silently compute in one of them; build both with one dtype "
-                    "policy (keras.config.set_dtype_policy) and copy the weights in")
-                raise IncompatibleModelsError(
-                    f"{ref_name} and {name} differ at layer {la.name!r} ({ca}): config "
-                    f"{diff!r} is {dig(cfa, diff)!r} in {ref_name} but {dig(cfb, diff)!r} in "
-                    f"{name}; {how}")
-        if len(layers) != len(ref_layers):
-            longer, short = (ref_layers, layers) if len(ref_layers) > len(layers) else (layers, ref_layers)
-            extra = longer[len(short)]
-            raise IncompatibleModelsError(
-                f"{ref_name} has {len(ref_layers)} layers but {name} has {len(layers)}; the "
-                f"first layer without a counterpart is {extra.name!r} ({type(extra).__name__}); "
-                f"{fix}")
+        same_architecture(ref, other, (ref_name, name), fix=fix)
         if len(other.weights) != len(ref.weights):
             raise IncompatibleModelsError(
                 f"{ref_name} has {len(ref.weights)} variables but {name} has "
@@ -258,3 +369,51 @@ def check_compatible(models: Sequence[Any], names: Sequence[str]) -> None:
                     f"{vb.dtype}: a merge would silently round one of them; load both with one "
                     "dtype policy (e.g. rebuild the float16 model in float32 and copy its "
                     "weights) and merge again")
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def owned_variables(model) -> list[tuple[tuple[str, ...], Any, Any]]:
+    """``(layer chain, owning layer, variable)`` for each of ``model.weights``: the chain
+    holds the names of the layers from below the model down to the layer that owns the
+    variable."""
+    from kmerge import _keras
+
+    owner: dict[int, Any] = {}
+    parent: dict[int, Any] = {}
+    for layer in _keras.sublayers(model):  # parents come before their sub-layers
+        for sub in _keras.sublayers(layer)[1:]:
+            parent[id(sub)] = layer
+        for v in layer.weights:
+            owner[id(v)] = layer
+    out = []
+    for v in model.weights:
+        chain = []
+        layer = own = owner.get(id(v), model)
+        while layer is not None and layer is not model:
+            chain.append(layer.name)
+            layer = parent.get(id(layer))
+        out.append((tuple(reversed(chain)), own, v))
+    return out
+
+
+def variable_name(v) -> str:
+    return str(getattr(v, "name", "") or v.path.rsplit("/", 1)[-1])
+
+
+def variable_paths(model) -> list[str]:
+    """The canonical path of each of ``model.weights``: the names of the layers below the
+    model, then the variable's name (``"dense_1/kernel"``, ``"block_1/bn/gamma"``).
+
+    Unlike Keras's ``Variable.path``, it does not depend on how the model was built (a
+    Sequential built in memory prefixes its own name, the same model loaded from a file
+    does not; a nested model's layers lose their parent's name when loaded). Weight merges
+    in memory and from files name variables this way: ``params`` and ``exclude`` patterns,
+    the drift report, and the per-tensor seeds of DARE's masks.
+
+    >>> variable_paths(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="d")],
+    ...                                 name="m"))  # doctest: +SKIP
+    ['d/kernel', 'd/bias']
+    """
+    return ["/".join((*chain, variable_name(v))) for chain, _, v in owned_variables(model)]
