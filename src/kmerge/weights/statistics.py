@@ -244,14 +244,17 @@ def fisher_diagonals(model, x, *, samples: int = 256, batch: int = 32,
 
         def logp_one(tv, xi):
             out, _ = model.stateless_call(tv, ntv, xi[None], training=False)
-            return to_logp(out)[0]
+            lp = to_logp(out)[0]
+            return lp, lp
 
-        jac = jax.jit(jax.vmap(jax.jacrev(logp_one), in_axes=(None, 0)))
+        # one compiled function: the per-example Jacobian and the log-probabilities
+        jac = jax.jit(jax.vmap(jax.jacrev(logp_one, has_aux=True), in_axes=(None, 0)))
         tv = [v.value for v in trainable]
         for s in range(0, len(x), batch):
             xb = jnp.asarray(x[s:s + batch])
-            p = np.exp(np.asarray(jax.vmap(lambda xi: logp_one(tv, xi))(xb)), dtype=np.float64)
-            for a, j in zip(acc, jac(tv, xb)):
+            jacs, logp = jac(tv, xb)
+            p = np.exp(np.asarray(logp, dtype=np.float64))
+            for a, j in zip(acc, jacs):
                 j = np.asarray(j, np.float64)
                 a += np.tensordot(p, j ** 2, axes=([0, 1], [0, 1]))
     elif backend == "tensorflow":
