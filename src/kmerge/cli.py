@@ -248,6 +248,31 @@ def _parser() -> argparse.ArgumentParser:
         (linear), slerp, task arithmetic, TIES, DARE, Fisher, RegMean, greedy soup. --align
         permutes hidden units to match the first model before merging; --repair recomputes
         normalisation statistics afterwards.
+    prb = command("probe", "rank every layer of the models for fusion (linear probes)", """
+        Which layers should `kmerge fuse` tap? Run each model once over the training split of
+        --data with every layer as an output, pool each layer's output as fuse would, fit a
+        linear (ridge) probe per layer and print the layers ranked by held-out accuracy (R^2
+        for regression targets), then the best combinations of layers of different models.
+        The test split is not used. `kmerge fuse MODEL:LAYER ...` builds the best one, or
+        fuse(..., taps="auto") in Python and `taps: auto` in a recipe.""", """
+        kmerge probe models/model_a.h5 models/model_b.keras --data digits
+        kmerge probe models/model_a.h5 models/model_b.keras --data digits --json
+        kmerge probe models/model_b.keras --data digits --report probe-report""")
+    prb.add_argument("models", nargs="+", metavar="MODEL",
+                     help="one or more models (" + _MODEL_HELP + ")")
+    prb.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    prb.add_argument("--report", metavar="DIR",
+                     help="also write probe.md, probe.json and probe.png (score against "
+                          "depth) into DIR")
+    prb.add_argument("--pooling", choices=("auto", "avg", "max", "none"), default="auto",
+                     help="how maps and sequences become vectors, as in fuse (default auto: "
+                          "average; none: flatten)")
+    prb.add_argument("--top", type=_positive_int, default=3,
+                     help="layers per model that enter the combination search (default 3)")
+    prb.add_argument("--validation-split", type=_fraction, default=0.2, metavar="FRACTION",
+                     help="part of the training split that scores the probes (default 0.2)")
+    _data_args(prb, train=False)
+
 
         --data gives the data that fisher, regmean, greedy_soup, --align activations and
         --repair need (its training split); with labels the accuracy of every source and of
@@ -740,6 +765,57 @@ def _weights(args, echo) -> int:
 
     params = parse_params(args.param, args.method)
     flags = {"data": "--data", "repair": "--repair", "align": "--align", "base": "--base",
+def _probe(args, echo) -> int:
+    import kmerge
+    from kmerge.runner import inputs_for
+
+    if not args.data:
+        raise InvalidArgumentError("kmerge probe needs labelled data: --data digits (or wine, "
+                                   "breast_cancer, mnist_sample, a .npz or a .csv file)")
+    if not args.validation_split:
+        raise InvalidArgumentError("--validation-split must be above 0: the probes are scored "
+                                   "on that part")
+    if args.report:
+        target = Path(args.report).expanduser().resolve()
+        if any(target == Path(f).expanduser().resolve() for f in _files(args.models)):
+            raise InvalidArgumentError(f"--report {args.report} is a source file; choose a "
+                                       "folder")
+        if target.exists() and not target.is_dir():
+            raise InvalidArgumentError(f"--report {args.report} is an existing file; give a "
+                                       "folder")
+    if args.json:  # stdout is the JSON document alone
+        def echo(text: str) -> None:
+            pass
+    data = _load_data(args, echo)
+    models = _load_all(_names(args.models))
+    x = {n: inputs_for(m, data.x_train) for n, m in models.items()}
+    echo(f"probing {len(models)} model(s) on the training split ({len(data.x_train)} "
+         "examples)")
+    if args.quiet or args.json:
+        result = kmerge.probe(models, x, data.y_train, pooling=args.pooling, seed=args.seed,
+                              top=args.top, validation_split=args.validation_split)
+    else:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("probing", total=None)
+
+            def progress(what: str, done: int, total: int) -> None:
+                bar.update(task, description=what, completed=done, total=total)
+
+            result = kmerge.probe(models, x, data.y_train, pooling=args.pooling,
+                                  seed=args.seed, top=args.top,
+                                  validation_split=args.validation_split, progress=progress)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    if args.report:
+        from kmerge.report import write_probe_report
+
+        echo(f"report: {write_probe_report(args.report, result)}")
+    return 0
+
+
              "weights": "--weights", "method": "--method"}
     for key in params.keys() & flags.keys():  # merge_weights' own arguments, not the method's
         raise InvalidArgumentError(f"--param {key}=...: {key!r} is not a parameter of method "
@@ -809,7 +885,11 @@ def _plan(args, echo) -> int:
         _warn(line)
     models = {n: kmerge.load(**recipe.load_args(n)) for n in recipe.models}
     for i, step in enumerate(recipe.steps):
-        if step.kind in ("sequential", "parallel", "fuse"):
+        if step.kind == "fuse" and step.taps == "auto":  # chosen on the data at run time
+            print(f"steps[{i}]: fuse with taps chosen by kmerge.probe when the recipe runs "
+                  + json.dumps(step.model_dump(exclude={"kind"}, exclude_none=True),
+                               default=str))
+        elif step.kind in ("sequential", "parallel", "fuse"):
             common = {"freeze": freeze_arg(step.freeze), "dry_run": True, "verify": False,
                       "name": step.name or f"step_{i}"}
             if step.kind == "sequential":
@@ -967,7 +1047,7 @@ def _schema(args, echo) -> int:
 
 _COMMANDS = {
     "demo": _demo, "inspect": _inspect, "sequential": _sequential, "parallel": _parallel,
-    "fuse": _fuse, "weights": _weights, "run": _run, "validate": _validate, "plan": _plan,
+    "fuse": _fuse, "probe": _probe, "weights": _weights, "run": _run, "validate": _validate, "plan": _plan,
     "verify": _verify, "list": _list, "schema": _schema,
 }
 

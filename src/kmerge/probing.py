@@ -385,11 +385,22 @@ def tap_features(model: Any, x: Any, taps: Any = "all", *, name: str | None = No
             projections.append(None)
             notes.append("")
     parts: list[list[np.ndarray]] = [[] for _ in found]
-    starts = list(range(0, n, batch_size))
-    jobs = (Job(sub, [a[s:s + batch_size] for a in xs]) for s in starts)
+    size = min(batch_size, n)
+    starts = list(range(0, n, size))
+
+    def batch(s: int) -> list[np.ndarray]:
+        # the last batch is padded with its own rows to the common size: one compiled
+        # program per model (inference is per example; the padding rows are dropped)
+        part = [a[s:s + size] for a in xs]
+        short = size - len(part[0])
+        return [np.concatenate([p, p[np.arange(short) % len(p)]]) if short else p
+                for p in part]
+
+    jobs = (Job(sub, batch(s)) for s in starts)
     for b, outs in enumerate(stream(jobs)):
+        keep = min(size, n - starts[b])
         for i, (o, proj) in enumerate(zip(outs, projections)):
-            o = np.asarray(o, dtype="float32").reshape(len(o), -1)
+            o = np.asarray(o, dtype="float32")[:keep].reshape(keep, -1)
             parts[i].append(proj(o) if proj is not None else o)
         if progress is not None:
             progress(b + 1, len(starts))

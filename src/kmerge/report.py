@@ -137,6 +137,7 @@ def write_report(
         "best_source": best,
         "verify": _verify_json(verify or {}),
         "notes": [*map(str, notes), *_meta_notes(models, names)],
+        "probe": (meta_of(models[final]) or {}).get("probe"),
     })
     if task == "classification":
         data.update(_classification_details(data, final, best))
@@ -702,6 +703,8 @@ def _markdown(data: dict) -> str:
             md.append("")
 
     md += ["## Verification", ""]
+    md += _probe_markdown(data.get("probe"), final)
+
     if not data["verify"]:
         md += ["No verify results were given.", ""]
     for name, v in data["verify"].items():
@@ -738,6 +741,82 @@ def _markdown(data: dict) -> str:
 
 
 def _jsonable(data: dict) -> Any:
+_PROBE_ROWS = 10  # rows of the probe table in a merge report (report.json has them all)
+
+
+def _probe_markdown(probe: Any, final: str) -> list[str]:
+    """The section on the probe that chose a fuse's taps (``fuse(taps="auto")``)."""
+    if not isinstance(probe, dict) or not isinstance(probe.get("taps"), list):
+        return []
+    metric = "accuracy" if probe.get("metric") == "accuracy" else "R²"
+    chosen = ", ".join(f"{_cell(m)}: {_cell(t)}" for m, t in (probe.get("chosen") or {}).items())
+    md = ["## Probe: how the taps were chosen", "",
+          f"`kmerge.probe` ranked {probe.get('n_taps', len(probe['taps']))} taps of the sources "
+          f"of **{_cell(final)}** by the held-out {metric} of a ridge probe on each tap's pooled "
+          f"features ({probe.get('n_train')} examples to fit, {probe.get('n_val')} held out, "
+          f"seed {probe.get('seed')}). Fused: {chosen or 'nothing'}"
+          + (f" (probe {metric} {probe['chosen_score']:.4f})."
+             if isinstance(probe.get("chosen_score"), int | float) else "."), "",
+          f"| # | model | tap | layer | depth | features | probe {metric} | note |",
+          "|---:|---|---|---|---:|---:|---:|---|"]
+    for i, r in enumerate(probe["taps"][:_PROBE_ROWS], 1):
+        size = (str(r.get("features")) if r.get("used") == r.get("features")
+                else f"{r.get('features')} → {r.get('used')}")
+        md.append(f"| {i} | {_cell(r.get('model'))} | {_cell(r.get('tap'))} | "
+                  f"{_cell(r.get('layer'))} | {r.get('depth')} | {size} | "
+                  f"{float(r.get('score', float('nan'))):.4f} | {_cell(r.get('note') or '')} |")
+    combos = probe.get("combinations") or []
+    if combos:
+        md += ["", f"| combination | features | probe {metric} |", "|---|---:|---:|"]
+        for c in combos[:5]:
+            md.append(f"| {' + '.join(_cell(f'{m}:{t}') for m, t in c['taps'])} | "
+                      f"{c['features']} | {c['score']:.4f} |")
+    md.append("")
+    return md
+
+
+PROBE_FILES = ("probe.md", "probe.json", "probe.png")
+
+
+def write_probe_report(out_dir: str | os.PathLike, result: Any, *,
+                       title: str = "kmerge probe") -> pathlib.Path:
+    """Write a :class:`kmerge.ProbeResult` as ``probe.md`` (the ranked table),
+    ``probe.json`` (``result.to_dict()``) and ``probe.png`` (score against depth) into
+    ``out_dir`` (created; other files in it are left alone). Rendered into a temporary
+    folder first, so a failure writes nothing."""
+    out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"--report {os.fspath(out)!r} is an existing file; give a "
+                                   "folder")
+    blocked = [n for n in PROBE_FILES if (out / n).is_dir()]
+    if blocked:
+        raise InvalidArgumentError(f"{os.fspath(out)!r} holds folders named {blocked}; the "
+                                   "probe report writes files there")
+    parent = out.absolute().parent
+    created = _missing_ancestor(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_dir(parent, out.name)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        fig = result.plot()
+        FigureCanvasAgg(fig)
+        fig.savefig(tmp / "probe.png", dpi=120, bbox_inches="tight")
+        d = result.to_dict()
+        (tmp / "probe.json").write_text(json.dumps(_jsonable(d), indent=2, allow_nan=False)
+                                        + "\n", encoding="utf-8")
+        md = [f"# {title}", "", f"Created {_dt.datetime.now().isoformat(timespec='seconds')}.",
+              "", "```", str(result), "```", "", "![probe score against depth](probe.png)", ""]
+        (tmp / "probe.md").write_text("\n".join(md), encoding="utf-8")
+        _publish(tmp, out, stale=())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return out
+
+
     def fix(v):
         if isinstance(v, dict):
             return {str(k): fix(x) for k, x in v.items() if not str(k).startswith("_")}
@@ -774,8 +853,9 @@ def _temp_dir(parent: pathlib.Path, name: str) -> pathlib.Path:
             continue
 
 
-def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    """Move the finished report into place: a rename for a new folder, else file by file."""
+def _publish(tmp: pathlib.Path, out: pathlib.Path, stale: Sequence[str] = FIGURES) -> None:
+    """Move the finished report into place: a rename for a new folder, else file by file
+    (``stale``: files of an earlier report that are removed when this one lacks them)."""
     if not out.exists():
         try:
             os.rename(tmp, out)
@@ -786,13 +866,13 @@ def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
     if not out.is_dir():
         raise InvalidArgumentError(f"out_dir {os.fspath(out)!r} is an existing file")
     written = {p.name for p in tmp.iterdir()}
-    blocked = [n for n in (*written, *FIGURES) if (out / n).is_dir()]
+    blocked = [n for n in (*written, *stale) if (out / n).is_dir()]
     if blocked:
         raise InvalidArgumentError(
             f"{os.fspath(out)!r} holds folders named {blocked}; the report writes files there")
     for p in tmp.iterdir():
         os.replace(p, out / p.name)
-    for name in FIGURES:  # a figure from an earlier report would now be wrong
+    for name in stale:  # a figure from an earlier report would now be wrong
         if name not in written:
             (out / name).unlink(missing_ok=True)
     tmp.rmdir()

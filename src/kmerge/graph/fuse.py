@@ -90,6 +90,9 @@ def _chosen_taps(models: Any, taps: Any, data: Any, pooling: str) -> tuple[dict,
     chose them (None for taps given by hand)."""
     from kmerge.probing import ProbeResult, probe
 
+    if taps is None:
+        raise InvalidArgumentError("data= is used only with taps='auto' (to probe the models); "
+                                   "drop it, or pass taps='auto'")
     sources = named_models(models, minimum=1, what="fuse")
     result = None
     if isinstance(taps, str) and taps == "auto":
@@ -117,7 +120,7 @@ def _chosen_taps(models: Any, taps: Any, data: Any, pooling: str) -> tuple[dict,
         raise InvalidArgumentError(
             "taps must be 'auto' (chosen by kmerge.probe on data=(x, y)), a probe result, or "
             f"{{name: layer_ref or [refs]}}; received {taps!r}")
-    if data is not None and result is None:
+    if data is not None and result is None or data is not None and taps is result:
         raise InvalidArgumentError("data= is used only with taps='auto' (to probe the models); "
                                    "drop it, or pass taps='auto'")
     if not mapping:
