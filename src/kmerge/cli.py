@@ -243,11 +243,6 @@ def _parser() -> argparse.ArgumentParser:
                      help="reduce spatial/sequence taps to vectors (default auto: average)")
     merge_common(fus)
 
-    wts = command("weights", "weight-space merge of same-architecture models", """
-        Merge models of one architecture into one model of that architecture: averaging
-        (linear), slerp, task arithmetic, TIES, DARE, Fisher, RegMean, greedy soup. --align
-        permutes hidden units to match the first model before merging; --repair recomputes
-        normalisation statistics afterwards.
     prb = command("probe", "rank every layer of the models for fusion (linear probes)", """
         Which layers should `kmerge fuse` tap? Run each model once over the training split of
         --data with every layer as an output, pool each layer's output as fuse would, fit a
@@ -273,6 +268,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="part of the training split that scores the probes (default 0.2)")
     _data_args(prb, train=False)
 
+    wts = command("weights", "weight-space merge of same-architecture models", """
+        Merge models of one architecture into one model of that architecture: averaging
+        (linear), slerp, task arithmetic, TIES, DARE, Fisher, RegMean, greedy soup. --align
+        permutes hidden units to match the first model before merging; --repair recomputes
+        normalisation statistics afterwards.
 
         --data gives the data that fisher, regmean, greedy_soup, --align activations and
         --repair need (its training split); with labels the accuracy of every source and of
@@ -758,13 +758,6 @@ def _stream_plan(args) -> tuple[bool, str | None]:
     return (not needs), ("; ".join(needs) or None)
 
 
-def _weights(args, echo) -> int:
-    import warnings
-
-    import kmerge
-
-    params = parse_params(args.param, args.method)
-    flags = {"data": "--data", "repair": "--repair", "align": "--align", "base": "--base",
 def _probe(args, echo) -> int:
     import kmerge
     from kmerge.runner import inputs_for
@@ -816,6 +809,13 @@ def _probe(args, echo) -> int:
     return 0
 
 
+def _weights(args, echo) -> int:
+    import warnings
+
+    import kmerge
+
+    params = parse_params(args.param, args.method)
+    flags = {"data": "--data", "repair": "--repair", "align": "--align", "base": "--base",
              "weights": "--weights", "method": "--method"}
     for key in params.keys() & flags.keys():  # merge_weights' own arguments, not the method's
         raise InvalidArgumentError(f"--param {key}=...: {key!r} is not a parameter of method "

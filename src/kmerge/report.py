@@ -702,9 +702,9 @@ def _markdown(data: dict) -> str:
                    zip(pc["labels"], pc["support"], pc["final"]) if n]
             md.append("")
 
-    md += ["## Verification", ""]
     md += _probe_markdown(data.get("probe"), final)
 
+    md += ["## Verification", ""]
     if not data["verify"]:
         md += ["No verify results were given.", ""]
     for name, v in data["verify"].items():
@@ -740,7 +740,6 @@ def _markdown(data: dict) -> str:
     return "\n".join(md)
 
 
-def _jsonable(data: dict) -> Any:
 _PROBE_ROWS = 10  # rows of the probe table in a merge report (report.json has them all)
 
 
@@ -817,6 +816,7 @@ def write_probe_report(out_dir: str | os.PathLike, result: Any, *,
     return out
 
 
+def _jsonable(data: dict) -> Any:
     def fix(v):
         if isinstance(v, dict):
             return {str(k): fix(x) for k, x in v.items() if not str(k).startswith("_")}
