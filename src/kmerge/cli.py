@@ -285,7 +285,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="merge method (kmerge list methods)")
     wts.add_argument("--base", metavar="MODEL",
                      help="the pretrained base model (task_arithmetic, ties, dare)")
-    wts.add_argument("--align", choices=("weights", "activations"),
+    wts.add_argument("--align", choices=("weights", "activations", "zip", "auto"),
                      help="permute hidden units to match the first model first "
                           "(activations needs --data)")
     wts.add_argument("--repair", choices=("bn", "repair"),

@@ -133,7 +133,7 @@ class Copier:
         self.notes: list[str] = []
 
     def new_name(self, path: tuple[str, ...], name: str) -> str:
-        base = "_".join((self.prefix, *path, name))
+        base = "_".join(p for p in (self.prefix, *path, name) if p)  # "" prefix: own names
         candidate, k = base, 1
         while candidate in self.taken:
             candidate = f"{base}_{k}"

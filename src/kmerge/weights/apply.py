@@ -52,7 +52,7 @@ from kmerge.weights.validate import (
 
 __all__ = ["merge_weights", "MergeCollapseWarning", "method_names", "COLLAPSE_RATIO"]
 
-ALIGN_METHODS = ("weights", "activations")
+ALIGN_METHODS = ("weights", "activations", "zip", "auto")
 REPAIR_METHODS = ("bn", "repair")
 #: A merge whose accuracy is below this fraction of the worst source's warns ("collapse").
 COLLAPSE_RATIO = 0.75
@@ -370,7 +370,8 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
                   weights: Sequence[float] | None = None, align: str | None = None,
                   data: Any = None, repair: str | None = None,
                   params: Mapping[str, Mapping[str, Any]] | None = None,
-                  exclude: Sequence[str] | None = None, **method_params: Any):
+                  exclude: Sequence[str] | None = None, zip_until: str | None = None,
+                  **method_params: Any):
     """Merge models of one architecture into one model of that architecture.
 
     Args:
@@ -382,7 +383,9 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
             ``task_arithmetic``, ``ties`` and ``dare``, refused by the others.
         weights: One non-negative weight per model (normalised to sum 1); default uniform.
         align: ``"weights"`` or ``"activations"``: permute every model's hidden units to match
-            the first before merging (:func:`kmerge.align`).
+            the first before merging (:func:`kmerge.align`). ``"zip"``: ZipIt!, partial up to
+            ``zip_until`` (:func:`kmerge.weights.zip.zip_merge`); ``"auto"``: every alignment
+            and repair tried, the best on ``data=(x, y)`` kept (see docs/alignment.md).
         data: ``x`` or ``(x, y)``. Needed by ``fisher``, ``regmean`` (x), ``greedy_soup``
             ((x, y) held out), ``align="activations"`` and ``repair``. With labels, the
             accuracy of every source and of the result is recorded, and a
@@ -430,6 +433,14 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
     if align is not None and align not in ALIGN_METHODS:
         raise InvalidArgumentError(f"unknown align method {align!r}; valid: "
                                    f"{', '.join(ALIGN_METHODS)} (or None)")
+    if align in ("zip", "auto"):  # feature merging / best-of: kmerge.weights.zip
+        from kmerge.weights.zip import merge_zip
+
+        return merge_zip(models, method=method, align=align, base=base, weights=weights,
+                         data=data, repair=repair, zip_until=zip_until, params=params,
+                         exclude=exclude, **method_params)
+    if zip_until is not None:
+        raise InvalidArgumentError("zip_until= goes with align='zip' or align='auto'")
     if repair is not None and repair not in REPAIR_METHODS:
         raise InvalidArgumentError(f"unknown repair method {repair!r}; valid: "
                                    f"{', '.join(REPAIR_METHODS)} (or None)")
