@@ -29,7 +29,8 @@ def dare(tensors: Sequence[np.ndarray], *, weights: Sequence[float], base: np.nd
     Each task vector entry is dropped with probability ``p`` and the survivors are rescaled
     by ``1/(1-p)``; the sparse task vectors are then combined by task arithmetic
     (``then="task_arithmetic"``: ``base + scale * sum_i n w_i tau_i``) or by TIES's sign
-    election and disjoint mean (``then="ties"``, mergekit's dare_ties). The random mask is
+    election and disjoint mean (``then="ties"``; normalised by the agreeing weights, unlike
+    mergekit's dare_ties, whose default ``normalize=False`` sums them). The random mask is
     drawn from NumPy with ``seed`` and the variable ``path``, so a merge is reproducible and
     identical on every backend.
 
