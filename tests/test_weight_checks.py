@@ -11,6 +11,7 @@ from conftest import cnn, mlp, weights_of, x_for
 
 import kmerge
 from kmerge.errors import InvalidArgumentError
+from kmerge.weights import merge_weights_files
 from kmerge.weights.apply import first_non_finite_layer
 from kmerge.weights.methods import merge_methods
 from kmerge.weights.statistics import fisher_diagonals, output_kind
@@ -188,7 +189,7 @@ def test_first_non_finite_layer_names_a_negative_variance():
 # ----------------------------------------------------------------------------- slerp
 
 
-def test_slerp_uses_weights():
+def test_slerp_uses_weights(tmp_path):
     a, b = mlp(seed=0), mlp(seed=1)
     by_w = kmerge.merge_weights([a, b], method="slerp", weights=[1, 3])
     by_t = kmerge.merge_weights([a, b], method="slerp", t=0.75)
@@ -199,6 +200,16 @@ def test_slerp_uses_weights():
     assert kmerge.info(by_w)["t"] == 0.75 and kmerge.info(half)["t"] == 0.5
     with pytest.raises(InvalidArgumentError, match="not both"):
         kmerge.merge_weights([a, b], method="slerp", weights=[1, 3], t=0.5)
+    # streamed from files (what the CLI does): the same t
+    files = [tmp_path / "a.keras", tmp_path / "b.keras"]
+    for m, f in zip((a, b), files):
+        kmerge.save(m, f)
+    out = merge_weights_files(files, tmp_path / "s.keras", method="slerp", weights=[1, 3])
+    for u, v in zip(weights_of(kmerge.load(out)), weights_of(by_t)):
+        np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        merge_weights_files(files, tmp_path / "n.keras", method="slerp", weights=[1, 3], t=0.5)
+    assert not (tmp_path / "n.keras").exists()
 
 
 # ----------------------------------------------------------------------------- TIES scope

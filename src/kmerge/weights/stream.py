@@ -36,7 +36,12 @@ import numpy as np
 
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, SaveError
 from kmerge.metadata import localized, portable
-from kmerge.weights.apply import refuse_non_finite, supplied_params, tensor_kwargs
+from kmerge.weights.apply import (
+    refuse_non_finite,
+    resolved_params,
+    supplied_params,
+    tensor_kwargs,
+)
 from kmerge.weights.validate import (
     check_fast,
     check_param_names,
@@ -379,6 +384,7 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
         raise InvalidArgumentError(f"method {method!r} does not use base=; drop it")
     check_fast(method, fn, n, norm_w, base is not None, method_params,
                 {p: o for p, _, o in compiled})
+    run_params = resolved_params(method, method_params, weights, norm_w)  # slerp: t
     all_in = srcs + ([Path(base).expanduser().absolute()] if base is not None else [])
     for p in all_in:
         if not p.is_file():
@@ -452,7 +458,7 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
                                                f"variables are: {', '.join(fnames[:12])}")
             # statistics are averaged with the merge's coefficients, as in memory
             linear = resolve_method("linear")
-            t = float(method_params.get("t", 0.5))
+            t = float(run_params.get("t", 0.5))
             coeffs = [1.0 - t, t] if method == "slerp" else list(norm_w)
             drift: dict[str, list[float]] = {}
             copied = []
@@ -480,7 +486,7 @@ def merge_weights_files(paths: Sequence[str | os.PathLike], out_path: str | os.P
                         if "base" in sup:
                             b = _value(base_raw, bf16)
                             b = b.astype(np.float32) if bf16 else b
-                        kwargs = tensor_kwargs(sup, name, method_params, compiled,
+                        kwargs = tensor_kwargs(sup, name, run_params, compiled,
                                                weights=norm_w, base=b)
                         with np.errstate(over="ignore", invalid="ignore"):
                             if d in statistics:  # statistics stay statistics: averaged
