@@ -382,6 +382,8 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         base: The pretrained model the sources were fine-tuned from (model or path); needed by
             ``task_arithmetic``, ``ties`` and ``dare``, refused by the others.
         weights: One non-negative weight per model (normalised to sum 1); default uniform.
+            ``slerp`` interpolates at ``t = w_b / (w_a + w_b)`` (``t`` and ``weights`` together
+            are refused).
         align: ``"weights"`` or ``"activations"``: permute every model's hidden units to match
             the first before merging (:func:`kmerge.align`). ``"zip"``: ZipIt!, partial up to
             ``zip_until`` (:func:`kmerge.weights.zip.zip_merge`); ``"auto"``: every alignment
@@ -391,26 +393,32 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
             accuracy of every source and of the result is recorded, and a
             :class:`MergeCollapseWarning` is emitted when the result falls below
             ``COLLAPSE_RATIO`` (0.75) times the worst source's accuracy.
-        repair: ``"bn"`` (recompute BatchNorm statistics) or ``"repair"`` (REPAIR) after
-            merging, on ``data``.
+        repair: ``"bn"`` (recompute BatchNorm statistics) or ``"repair"`` (REPAIR, toward the
+            sources' statistics interpolated with the merge's coefficients) after merging, on
+            ``data``.
         params: Per-tensor overrides: ``{regex: {parameter: value}}``; a regex is matched
             (``re.fullmatch``) against each variable path (``"dense_1/kernel"``); later
             entries win. Every regex must match some variable.
         exclude: Regexes of layer names or variable paths whose variables are copied from the
             first model untouched (e.g. an embedding whose vocabulary differs between models:
             same shapes, different meaning, which no weight check can detect).
-        **method_params: The method's parameters (``t``, ``scale``, ``density``, ``p``,
-            ``seed``, ``then``, ``floor``, ``alpha``, ``samples``); unknown names are refused.
+        **method_params: The method's parameters (``t``, ``scale``, ``density``, ``scope``,
+            ``p``, ``seed``, ``then``, ``floor``, ``outputs``, ``normalize``, ``favor_target``,
+            ``alpha``, ``samples``); unknown names are refused.
 
     Returns:
         A new model of the first model's architecture. ``kmerge.info(merged)`` holds the
         method, parameters, normalised weights, source paths, per-variable drift (relative L2
-        distance to each source) and, with labelled data, accuracies; :func:`kmerge.save`
+        distance to each source), the statistics averaged instead of merged (BatchNorm
+        moving mean/variance: never extrapolated by task vectors), the probe pass, REPAIR's
+        report (``repair_report``) and, with labelled data, accuracies; :func:`kmerge.save`
         writes it into the file. The sources are not modified.
 
     Raises:
         InvalidArgumentError: Unknown method or parameter, bad weights or parameter values,
-            missing ``base`` or ``data``, a NaN/Inf result.
+            missing ``base`` or ``data``, a NaN/Inf weight, NaN/Inf outputs on the probe
+            batch (the first layer producing them named), ``fisher`` on a model that does
+            not say whether it outputs probabilities or logits (pass ``outputs=``).
         IncompatibleModelsError: The models differ in architecture (first difference named).
         InvalidModelError: A model is neither a Keras model nor a path.
 
