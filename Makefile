@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BACKEND ?= jax
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): the machines we test on have 2 cores; 0 runs in this process.
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: demo examples test test-fresh test-all test-oldest bench lint clean
@@ -32,7 +34,7 @@ examples: $(VENV)/.ready-jax $(DEMO_DIR)/model_a.h5
 	  KERAS_BACKEND=jax $(BIN)/kmerge run $$r || exit 1; done
 
 test: $(VENV)/.ready-$(BACKEND)
-	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # README.md's Quickstart and "Using kmerge", command by command, in a copy of this tree with a
 # fresh venv and a fresh HOME (minutes; needs the package index). FRESH=full also runs
@@ -52,7 +54,7 @@ $(OLDEST)/.ready: pyproject.toml
 	touch $@
 
 test-oldest: $(OLDEST)/.ready
-	KERAS_BACKEND=jax OMP_NUM_THREADS=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	KERAS_BACKEND=jax OMP_NUM_THREADS=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-all:
 	$(MAKE) test BACKEND=jax
