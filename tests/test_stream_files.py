@@ -256,3 +256,28 @@ def test_cli_stream_never_overwrites_a_source_copy(files, tmp_path):
     with pytest.raises(SaveError, match="source"):
         merge_weights_files([files / "ft1.keras", files / "ft2.keras"], files / "ft2.keras",
                             method="linear", overwrite=True)
+
+
+def test_recipe_weights_step_streams_without_loading_its_sources(files, loaded, tmp_path):
+    from kmerge.recipe import load_recipe
+    from kmerge.runner import run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        models:
+          ft1: {{path: {files / 'ft1.keras'}}}
+          ft2: {{path: {files / 'ft2.keras'}}}
+          base: {{path: {files / 'base.keras'}}}
+        steps:
+          - {{kind: weights, name: soup, models: [ft1, ft2], base: base, method: dare,
+              params: {{p: 0.5, seed: 1}}, per_layer: {{'.*kernel': {{scale: 0.5}}}}}}
+          - {{kind: save, model: soup, path: {tmp_path / 'soup.keras'}}}
+    """))
+    lines: list[str] = []
+    run(load_recipe(recipe), echo=lines.append)
+    assert len([line for line in lines if line.startswith("streaming:")]) == 1, lines
+    assert not [line for line in lines if line.startswith(("loaded ft", "loaded base"))], lines
+    memory = kmerge.merge_weights([loaded["ft1"], loaded["ft2"]], method="dare",
+                                  base=loaded["base"], p=0.5, seed=1,
+                                  params={".*kernel": {"scale": 0.5}})
+    _bitwise(_stored(tmp_path / "soup.keras"), weights_of(memory))

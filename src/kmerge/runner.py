@@ -434,8 +434,12 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
             warnings.warn(line, UserWarning, stacklevel=2)
         else:
             warn(line)
-    models: dict[str, Any] = {}
+    models: dict[str, Any] = _Models()
+    streamed_only = stream_only_sources(recipe, report=outputs.report is not None, final=final)
     for name, spec in recipe.models.items():
+        if name in streamed_only:  # read by streamed weight merges only: never loaded
+            models[name] = _Lazy(recipe.path_of(spec.path), echo, name)
+            continue
         models[name] = kmerge.load(**recipe.load_args(name))
         echo(f"loaded {name}: {spec.path}")
     result = RunResult(models=models, sources=list(recipe.models), data=data, notes=notes,
@@ -474,6 +478,100 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
         echo(f"report: {result.report}")
     echo(f"recipe done in {time.perf_counter() - start:.1f} s")
     return result
+
+
+class _Lazy:
+    """A ``.keras`` file a run loads only when a step uses the model: a source read only by
+    streamed weight merges, or a streamed merge's result."""
+
+    def __init__(self, path: Path, echo: Callable[[str], None], name: str) -> None:
+        self.path, self.echo, self.name = Path(path), echo, name
+
+    def load(self) -> Any:
+        import kmerge
+
+        model = kmerge.load(self.path)
+        self.echo(f"loaded {self.name}: {self.path}")
+        return model
+
+
+class _Models(dict):
+    """The run's models by name; a :class:`_Lazy` entry is loaded on first use."""
+
+    _scratch: Any = None
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        if isinstance(value, _Lazy):
+            value = value.load()
+            super().__setitem__(key, value)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def values(self):  # type: ignore[override]
+        return [self[k] for k in self]
+
+    def items(self):  # type: ignore[override]
+        return [(k, self[k]) for k in self]
+
+    def file_of(self, key: str) -> Path | None:
+        """The file of a model that is not loaded (None once it is)."""
+        value = super().get(key)
+        return value.path if isinstance(value, _Lazy) else None
+
+    def scratch(self) -> Path:
+        """A folder for streamed results, removed with this object."""
+        import shutil
+        import tempfile
+        import weakref
+
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="kmerge-stream-")
+            weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
+        return Path(self._scratch)
+
+
+def streamable(step, models: _Models) -> bool:
+    """Whether a weights step can stream (``merge_weights_files``): a method that needs no
+    data, no align or repair, and every model it reads (sources and base) a ``.keras`` file
+    not loaded."""
+    from kmerge.weights.stream import NOT_STREAMABLE
+
+    names = [*step.models, *([step.base] if step.base else [])]
+    files = [models.file_of(m) for m in names]
+    return (step.method not in NOT_STREAMABLE and step.align is None and step.repair is None
+            and all(f is not None and f.name.lower().endswith(".keras") for f in files))
+
+
+def stream_only_sources(recipe: Recipe, *, report: bool, final: str | None) -> set[str]:
+    """Sources that only streamable weights steps read (``.keras`` files, no ``weights:``
+    field): a run never loads them. None when a report or an ``evaluate`` of every model
+    needs them all."""
+    from kmerge.weights.stream import NOT_STREAMABLE
+
+    if report:
+        return set()
+    files = {n for n, s in recipe.models.items()
+             if s.weights is None and s.path.lower().endswith(".keras")}
+    other: set[str] = {final} if final else set()
+    streamed: set[str] = set()
+    for step in recipe.steps:
+        if step.kind == "evaluate" and not step.models:
+            return set()
+        refs = [*(getattr(step, "models", None) or []),
+                *([step.base] if getattr(step, "base", None) else []),
+                *([step.model] if getattr(step, "model", None) else []),
+                *(step.taps if step.kind == "fuse" else []),
+                *(([step.teacher] if isinstance(step.teacher, str) else step.teacher)
+                  + [step.student.like] if step.kind == "distill" else [])]
+        if (step.kind == "weights" and step.method not in NOT_STREAMABLE and step.align is None
+                and step.repair is None and set(refs) <= files):
+            streamed.update(refs)
+        else:
+            other.update(refs)
+    return streamed - other
 
 
 class _Staged:
@@ -590,6 +688,17 @@ def _step(i: int, step, models: dict, data: Data | None, result: RunResult,
             head=build_head(step.head, seed), pooling=step.pooling, freeze=freeze_arg(step.freeze),
             share_inputs=step.share_inputs, adapter=step.adapter, keep_outputs=step.keep_outputs,
             name=name)
+    elif kind == "weights" and streamable(step, models):
+        from kmerge.weights import merge_weights_files
+
+        echo(f"streaming: {step.method} merge tensor by tensor from the files, without "
+             "loading the models")
+        out = models.scratch() / f"{name}.keras"
+        merge_weights_files([models.file_of(m) for m in step.models], out,
+                            method=step.method, weights=step.weights,
+                            base=models.file_of(step.base) if step.base else None,
+                            params=step.per_layer, exclude=step.exclude, **step.params)
+        models[name] = _Lazy(out, echo, name)  # loaded when a later step uses it
     elif kind == "weights":
         train = (data.x_train, data.y_train) if data is not None else None
         models[name] = kmerge.merge_weights(

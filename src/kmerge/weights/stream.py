@@ -6,12 +6,14 @@ file window) or each ``.weights.h5`` file with h5py, reads one dataset per sourc
 with the registered method, and writes it straight into the output's HDF5 file. Peak memory
 is a few tensors per source, not whole models.
 
-Datasets are named after their layers: the layer-name path comes from the ``name`` attribute
-Keras writes on each ``vars`` group, and the variable name (``kernel``, ``bias``, ...) from a
-variable-free skeleton of the model built from ``config.json`` (``keras.StatelessScope``),
-so ``params`` and ``exclude`` patterns read as they do for :func:`kmerge.merge_weights`
-(``"dense_1/kernel"``). Where the skeleton cannot be built, the name is
-``"<layer path>/vars/<i>"``.
+It is the same merge as :func:`kmerge.merge_weights` on the loaded models: the configs are
+compared by :func:`kmerge.weights.validate.same_architecture`, datasets get the canonical
+variable paths of :func:`kmerge.weights.validate.variable_paths` (layer names from the
+``name`` attribute Keras writes on each ``vars`` group, variable names from a variable-free
+skeleton of ``config.json`` built in a ``keras.StatelessScope``, or for a ``.weights.h5``
+file from the built-in layer's class; ``"<layer path>/vars/<i>"`` where neither knows),
+BatchNorm/Normalization statistics are averaged, and bfloat16 data (``|V2`` tagged
+``dtype='bfloat16'``) is merged in float32 and written back tagged.
 """
 
 from __future__ import annotations

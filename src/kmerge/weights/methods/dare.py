@@ -31,14 +31,17 @@ def dare(tensors: Sequence[np.ndarray], *, weights: Sequence[float], base: np.nd
     (``then="task_arithmetic"``: ``base + scale * sum_i n w_i tau_i``) or by TIES's sign
     election and disjoint mean (``then="ties"``; normalised by the agreeing weights, unlike
     mergekit's dare_ties, whose default ``normalize=False`` sums them). The random mask is
-    drawn from NumPy with ``seed`` and the variable ``path``, so a merge is reproducible and
-    identical on every backend.
+    drawn from NumPy with ``seed`` and the variable's canonical ``path``
+    (:func:`kmerge.weights.validate.variable_paths`: layer names below the model, never the
+    model's own name), so a merge is reproducible, identical on every backend, and the same
+    in memory and streamed from files whatever the models are called.
 
     Args:
         tensors: The same variable from each fine-tuned model.
         weights: Per-model weights, summing to 1.
         base: The variable in the pretrained model.
-        path: The variable path (supplied by ``merge_weights``; it varies the mask per tensor).
+        path: The canonical variable path (``"block_1/dense/kernel"``, supplied by
+            ``merge_weights`` and ``merge_weights_files``; it varies the mask per tensor).
         p: Drop rate in [0, 1) (default 0.5; the paper's 0.9 suits large models, it hurts
             small MLPs).
         seed: Seed of the drop masks (default 0).
