@@ -221,6 +221,10 @@ def _parser() -> argparse.ArgumentParser:
     par.add_argument("--adapter", choices=("auto", "none"), default="none",
                      help="auto: project unequal outputs to the first one's shape for "
                           "element-wise ops; none: refuse (default)")
+    keep_help = ("a multi-task merge: the model outputs each source's own output(s), unchanged, "
+                 "beside the new head ({a: ..., b: ..., head: ...}); --data trains and scores "
+                 "the head")
+    par.add_argument("--keep-outputs", action="store_true", help=keep_help)
     merge_common(par)
 
     fus = command("fuse", "tap intermediate layers, fuse them, add a head", """
@@ -241,6 +245,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="classifier:N[:H1,H2,...] or regressor:N[:H1,...]")
     fus.add_argument("--pooling", choices=("auto", "avg", "max", "none"), default="auto",
                      help="reduce spatial/sequence taps to vectors (default auto: average)")
+    fus.add_argument("--keep-outputs", action="store_true", help=keep_help)
     merge_common(fus)
 
     prb = command("probe", "rank every layer of the models for fusion (linear probes)", """
@@ -710,7 +715,8 @@ def _parallel(args, echo) -> int:
     data = _prepare(args, echo, args.models)
     models = _load_all(_names(args.models))
     m = kmerge.parallel(models, combine=args.combine, head=head, freeze=not args.no_freeze,
-                        weights=weights, adapter=args.adapter, dry_run=args.dry_run)
+                        weights=weights, adapter=args.adapter, keep_outputs=args.keep_outputs,
+                        dry_run=args.dry_run)
     return _finish(m, args, echo, models, data)
 
 
@@ -731,7 +737,8 @@ def _fuse(args, echo) -> int:
     taps = {n: (models[n], refs if len(refs) > 1 else refs[0])
             for n, (_, refs) in zip(names, pairs)}
     m = kmerge.fuse(taps, combine=args.combine, head=head, pooling=args.pooling,
-                    freeze=not args.no_freeze, dry_run=args.dry_run)
+                    freeze=not args.no_freeze, keep_outputs=args.keep_outputs,
+                    dry_run=args.dry_run)
     return _finish(m, args, echo, models, data)
 
 
@@ -900,12 +907,12 @@ def _plan(args, echo) -> int:
                                        combine=step.combine, head=build_head(step.head),
                                        weights=step.weights, output=step.output,
                                        share_inputs=step.share_inputs, adapter=step.adapter,
-                                       **common)
+                                       keep_outputs=step.keep_outputs, **common)
             else:
                 plan = kmerge.fuse({m: (models[m], r) for m, r in step.taps.items()},
                                    combine=step.combine, head=build_head(step.head),
                                    pooling=step.pooling, share_inputs=step.share_inputs,
-                                   adapter=step.adapter, **common)
+                                   adapter=step.adapter, keep_outputs=step.keep_outputs, **common)
             print(f"steps[{i}]: {plan}")
         else:
             print(f"steps[{i}]: {step.kind} " + json.dumps(

@@ -268,9 +268,10 @@ def _labels(y: np.ndarray) -> np.ndarray:
 
 def _predict(model, xs: list, batch_size: int) -> np.ndarray:
     from kmerge.graph import compiled
+    from kmerge.graph.build import task_output
 
-    # several outputs: the report is about the first
-    return compiled.predict(model, xs, batch_size=batch_size)[0]
+    # several outputs: the report is about the first, or a multi-task merge's new one
+    return compiled.predict(model, xs, batch_size=batch_size)[task_output(model)]
 
 
 def _timed_call(model, batch: list):

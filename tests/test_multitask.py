@@ -1,0 +1,259 @@
+"""Multi-task merges (``keep_outputs=True``): the sources' own outputs beside a new head, from
+one graph; fit_head trains the head alone; verify checks the kept outputs; save/load; CLI and
+recipes. The sources learned different label sets: A digits 0-4, B digits 5-9."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import weights_of
+
+import kmerge
+from kmerge.errors import InvalidArgumentError, RecipeError, VerificationError
+from kmerge.graph import compiled
+from kmerge.graph.replay import walk
+
+N_SOURCE = 576  # training examples per source: whole batches, so A and B share one program
+
+
+def small_cnn(name: str, seed: int) -> keras.Model:
+    """Conv + BatchNorm + Dense + Dropout, 5 classes; layers named so taps read clearly."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inp)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.MaxPooling2D(name="pool")(h)
+    h = keras.layers.Flatten(name="flat")(h)
+    h = keras.layers.Dense(16, activation="relu", name="hidden")(h)
+    h = keras.layers.Dropout(0.1, name="drop")(h)
+    return keras.Model(inp, keras.layers.Dense(5, activation="softmax", name="out")(h), name=name)
+
+
+@pytest.fixture(scope="module")
+def label_sets(digits):
+    """A trained on digits 0-4, B on digits 5-9 (labels 0-4 each)."""
+    x, y, _, _ = digits
+    models = []
+    for name, seed, keep, shift in (("a", 0, y < 5, 0), ("b", 1, y >= 5, 5)):
+        m = small_cnn(name, seed)
+        m.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+        m.fit(x[keep][:N_SOURCE], y[keep][:N_SOURCE] - shift, epochs=3, batch_size=32,
+              verbose=0)
+        models.append(m)
+    return tuple(models)
+
+
+def named(model, x) -> dict[str, np.ndarray]:
+    """``{output name: array}`` through kmerge's compiled inference (variables untouched)."""
+    by_id = dict(zip(map(id, model.outputs), compiled.predict(model, x)))
+    return {k: by_id[id(t)] for k, t in model.output.items()}
+
+
+def build(kind: str, a, b, **kw):
+    """The multi-task merge of A and B (verified by the tests that are about verify)."""
+    kw.setdefault("verify", False)
+    if kind == "parallel":
+        return kmerge.parallel({"a": a, "b": b}, head=kmerge.heads.classifier(10),
+                               keep_outputs=True, **kw)
+    return kmerge.fuse({"a": (a, "hidden"), "b": (b, "flat")},
+                       head=kmerge.heads.classifier(10), keep_outputs=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def fused(label_sets, digits):
+    """A's hidden layer and B's flattened maps fused, a ten-class head trained on all digits."""
+    x, y, _, _ = digits
+    m = build("fuse", *label_sets)
+    kmerge.fit_head(m, x, y, epochs=5, seed=0, verbose=0)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["parallel", "fuse"])
+def test_kept_outputs_are_the_sources_bit_exactly(label_sets, digits, kind):
+    a, b = label_sets
+    x = digits[2][:64]
+    m = build(kind, a, b)
+    out = named(m, x)
+    assert list(out) == ["a", "b", "head"]
+    assert out["head"].shape == (64, 10)
+    np.testing.assert_array_equal(out["a"], compiled.predict(a, x)[0])
+    np.testing.assert_array_equal(out["b"], compiled.predict(b, x)[0])
+    assert kmerge.info(m)["keep_outputs"] == {"kept": {"a": ["a"], "b": ["b"]}, "new": "head"}
+    report = kmerge.verify(m, {"a": a, "b": b}, x=x)
+    kept = [c for c in report.checks if "kept as" in c.what]
+    assert [c.source for c in kept] == ["a", "b"] and all(c.exact for c in kept)
+    assert all(not w.trainable for w in m.weights if not w.path.startswith("head"))
+
+
+def test_every_layer_runs_once(label_sets):
+    """The kept outputs come from the copies the taps read: no layer is copied or called
+    twice, and the model holds each source's layers once."""
+    a, b = label_sets
+    m = build("fuse", a, b)
+    w = walk(m)
+    calls = [len(w.calls_of(op)) for op in w.ops()]
+    assert calls and set(calls) == {1}
+    meta = kmerge.info(m)["sources"]
+    for n, src in (("a", a), ("b", b)):
+        assert len(meta[n]["layers"]) == len(walk(src).leaf_calls)
+    plain = kmerge.fuse({"a": (a, "hidden"), "b": (b, "flat")}, head=kmerge.heads.classifier(10),
+                        verify=False)
+    # keep_outputs adds only the layers after the taps: a's drop and out, b's hidden, drop, out
+    assert len(m.layers) - len(plain.layers) == 5
+
+
+def test_fit_head_trains_only_the_head(label_sets, digits):
+    a, b = label_sets
+    x, y, x_te, y_te = digits
+    x, y = x[:96], y[:96]
+    cached, plain = build("parallel", a, b), build("parallel", a, b)
+    before_w, before_out = weights_of(cached), named(cached, x_te[:32])
+    h1 = kmerge.fit_head(cached, x, y, epochs=1, seed=0, verbose=0)
+    h2 = kmerge.fit_head(plain, x, y, epochs=1, seed=0, verbose=0, cache=None)
+    assert h1.kmerge["outputs"] == ["head"] and h1.kmerge["cache"] == "memory"
+    assert len(h1.kmerge["boundary"]) == 1  # only the head's input is cached, not a and b
+    np.testing.assert_allclose(h1.history["loss"], h2.history["loss"], rtol=1e-5, atol=1e-6)
+    after_w, after_out = weights_of(cached), named(cached, x_te[:32])
+    changed = [v.path for v, w0, w1 in zip(cached.weights, before_w, after_w)
+               if not np.array_equal(w0, w1)]
+    assert changed and all(p.startswith("head") for p in changed)
+    for k in ("a", "b"):
+        np.testing.assert_array_equal(after_out[k], before_out[k])
+    assert not np.array_equal(after_out["head"], before_out["head"])
+    # the whole model is left compiled with the head's loss alone
+    assert np.isfinite(cached.evaluate(x_te[:32], {"head": y_te[:32]}, verbose=0))
+
+
+def test_label_sets_fused_head_learns_all_ten_classes(fused, digits):
+    """A knows 0-4 and B 5-9: alone each gets at most half the ten-class test set right; a
+    head on their fused features learns all ten, and the old tasks stay available."""
+    _, _, x_te, y_te = digits
+    out = named(fused, x_te)
+    alone = {"a": np.mean(out["a"].argmax(1) == y_te),
+             "b": np.mean(out["b"].argmax(1) + 5 == y_te)}
+    head = np.mean(out["head"].argmax(1) == y_te)
+    assert max(alone.values()) <= 0.5 < head, (alone, head)
+    # each kept output still does its own task: A on 0-4, B on 5-9
+    low, high = y_te < 5, y_te >= 5
+    assert np.mean(out["a"][low].argmax(1) == y_te[low]) > 0.5
+    assert np.mean(out["b"][high].argmax(1) + 5 == y_te[high]) > 0.5
+
+
+def test_save_load_with_plain_keras_and_verify(fused, label_sets, digits, tmp_path):
+    a, b = label_sets
+    path = kmerge.save(fused, tmp_path / "multi.keras")
+    want = named(fused, digits[2][:16])
+    plain = keras.models.load_model(path)  # kmerge is imported: its layers are registered
+    got = named(plain, digits[2][:16])
+    assert list(got) == ["a", "b", "head"]
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    loaded = kmerge.load(path)
+    assert kmerge.verify(loaded, {"a": a, "b": b}).ok
+    assert kmerge.info(loaded)["keep_outputs"]["new"] == "head"
+
+
+def test_verify_catches_a_tampered_kept_output(label_sets):
+    a, b = label_sets
+    m = build("fuse", a, b)
+    # a's output layer lies after the tap: only the kept output depends on it
+    layer = m.get_layer(kmerge.info(m)["sources"]["a"]["layers"][-1])
+    kernel = layer.kernel
+    kernel.assign(keras.ops.convert_to_numpy(kernel) + 0.01)
+    with pytest.raises(VerificationError, match=r"source 'a' at output 0 \(kept as 'a'\)"):
+        kmerge.verify(m, {"a": a, "b": b})
+    # outputs renamed behind kmerge's back: 'a' no longer names a's output
+    m2 = build("parallel", a, b)
+    kmerge.metadata.meta_of(m2)["keep_outputs"]["kept"] = {"a": ["b"], "b": ["a"]}
+    with pytest.raises(VerificationError, match="output 'b' is not source 'a'"):
+        kmerge.verify(m2, {"a": a, "b": b})
+
+
+def test_typed_errors_and_names(label_sets, digits):
+    a, b = label_sets
+    with pytest.raises(InvalidArgumentError, match="keep_outputs must be True or False"):
+        kmerge.parallel({"a": a, "b": b}, keep_outputs="yes")
+    with pytest.raises(InvalidArgumentError, match=r"freeze leaves \['b'\] trainable"):
+        kmerge.fuse({"a": (a, "hidden"), "b": (b, "flat")}, freeze={"a"}, keep_outputs=True)
+    with pytest.raises(InvalidArgumentError, match=r"freeze leaves \['a', 'b'\]"):
+        kmerge.parallel({"a": a, "b": b}, freeze=False, keep_outputs=True)
+    m = build("parallel", a, b)
+    with pytest.raises(InvalidArgumentError, match="fine_tune would unfreeze"):
+        kmerge.fine_tune(m, digits[0][:10], digits[1][:10], epochs=1)
+    # a source called "head" keeps its name; the new output moves aside. A source with two
+    # outputs keeps both, numbered.
+    inp = keras.Input((8, 8, 1))
+    flat = keras.layers.Flatten()(inp)
+    two = keras.Model(inp, [keras.layers.Dense(2)(flat), keras.layers.Dense(3)(flat)])
+    m = kmerge.parallel({"head": a, "two": two}, output={"two": 0}, combine="concat",
+                        keep_outputs=True, verify=False)
+    assert list(m.output) == ["head", "two_0", "two_1", "head2"]
+    assert kmerge.info(m)["keep_outputs"] == {"kept": {"head": ["head"],
+                                                       "two": ["two_0", "two_1"]},
+                                              "new": "head2"}
+    plan = build("fuse", a, b, dry_run=True)
+    assert "a (None, 5), b (None, 5), head (None, 10)" in str(plan)
+
+
+@pytest.fixture(scope="module")
+def files(label_sets, tmp_path_factory):
+    d = tmp_path_factory.mktemp("label_sets")
+    for m in label_sets:
+        m.save(d / f"{m.name}.keras")
+    return d
+
+
+def test_cli_keep_outputs(files, tmp_path, capsys):
+    from kmerge.cli import main
+
+    a, b = str(files / "a.keras"), str(files / "b.keras")
+    out = tmp_path / "multi.keras"
+    assert main(["parallel", a, b, "-o", str(out), "--head", "classifier:10", "--keep-outputs",
+                 "--untrained", "-q"]) == 0, capsys.readouterr().err
+    assert list(kmerge.load(out).output) == ["a", "b", "head"]
+    assert main(["fuse", f"{a}:hidden", f"{b}:flat", "--head", "classifier:10",
+                 "--keep-outputs", "--dry-run"]) == 0
+    assert "head (None, 10)" in capsys.readouterr().out
+    assert main(["fuse", f"{a}:hidden", f"{b}:flat", "--keep-outputs", "--no-freeze",
+                 "--dry-run"]) == 1
+    assert "keep_outputs" in capsys.readouterr().err
+
+
+RECIPE = """\
+models:
+  a: {{path: a.keras}}
+  b: {{path: b.keras}}
+data: {{source: "sklearn:digits"}}
+steps:
+  - name: multi
+    kind: fuse
+    taps: {{a: hidden, b: flat}}
+    head: {{kind: classifier, units: 10}}
+    keep_outputs: true
+    freeze: {freeze}
+  - {{kind: fit_head, model: multi, epochs: 1}}
+  - {{kind: verify, model: multi}}
+  - {{kind: evaluate, models: [multi]}}
+"""
+
+
+def test_recipe_keep_outputs_scores_and_reports_the_head(files):
+    from kmerge.recipe import load_recipe
+    from kmerge.report import _predict
+    from kmerge.runner import run
+
+    bad = files / "bad.yaml"
+    bad.write_text(RECIPE.format(freeze="[a]"))
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.keep_outputs: .*\['b'\] trainable"):
+        load_recipe(bad)
+    path = files / "multi.yaml"
+    path.write_text(RECIPE.format(freeze="true"))
+    result = run(load_recipe(path), echo=lambda s: None)
+    assert result.verify["multi"].ok
+    m = result.models["multi"]
+    out = named(m, result.data.x_test)
+    head = float(np.mean(out["head"].argmax(1) == result.data.y_test))
+    assert result.scores["multi"] == head
+    # a report evaluates the same output (kmerge.report's evaluation, without its timings)
+    np.testing.assert_array_equal(_predict(m, [result.data.x_test], 256), out["head"])
