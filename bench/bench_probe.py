@@ -142,13 +142,15 @@ def cnn_b():
     keras.utils.set_random_seed(2)
     inp = keras.Input((28, 28, 1), name="image")
     x = keras.layers.Conv2D(8, 5, activation="relu", name="conv_1")(inp)
-    x = keras.layers.Conv2D(16, 3, activation="relu", name="conv_2")(x)
-    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="bn_1")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="conv_2")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="bn_2")(x)
     x = keras.layers.Conv2D(32, 3, activation="relu", name="conv_3")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="bn_3")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dense(32, activation="relu", name="hidden")(x)
     return keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="probs")(x),
-                       name="cnn_b")
+                       name="cnn_b")  # strided convs, BatchNorm, global pooling: unlike cnn_a
 
 
 def lstm(name: str, vocab: int, length: int, *, embed: int, units: int, seed: int):
@@ -175,6 +177,11 @@ def accuracy(model, x, y) -> float:
 
 
 # -- one case ---------------------------------------------------------------------------------
+def feed(x: dict, fused, taps: dict):
+    """One shared input (the CNNs) or one input per source (the LSTMs), in ``taps``' order."""
+    return x[next(iter(taps))] if len(fused.inputs) == 1 else [x[n] for n in taps]
+
+
 def case(title: str, sources: dict, x_tr, y_tr, x_te, y_te, classes: int) -> dict:
     """Probe, then the chosen and the penultimate fusion with the same head training."""
     import kmerge
@@ -198,9 +205,9 @@ def case(title: str, sources: dict, x_tr, y_tr, x_te, y_te, classes: int) -> dic
     scores = {}
     for label, taps in choices.items():
         fused = kmerge.fuse(taps, head=kmerge.heads.classifier(classes, hidden=[64], seed=0))
-        kmerge.fit_head(fused, [x_tr[n] for n in taps], y_tr, epochs=EPOCHS_HEAD,
+        kmerge.fit_head(fused, feed(x_tr, fused, taps), y_tr, epochs=EPOCHS_HEAD,
                         batch_size=32, seed=0, verbose=0)
-        scores[label] = accuracy(fused, [x_te[n] for n in taps], y_te)
+        scores[label] = accuracy(fused, feed(x_te, fused, taps), y_te)
         used = ", ".join(f"{n}:{ref}" for n, (_, ref) in taps.items())
         rows.append((label, used, f"{scores[label]:.4f}"))
     print(table(rows, ("fusion", "taps", "test accuracy")))

@@ -82,6 +82,7 @@ class ProbeResult:
     seconds: float
     skipped: list[str] = field(default_factory=list)  # candidate taps left out, and why
     models: dict[str, Any] = field(default_factory=dict, repr=False)
+    timing: dict[str, float] = field(default_factory=dict)  # seconds: forward, probes, ...
 
     # -- choices ---------------------------------------------------------------------------
     @property
@@ -129,7 +130,9 @@ class ProbeResult:
         metric = "accuracy" if self.metric == "accuracy" else "R^2"
         lines = [f"kmerge probe: {len(self.rows)} taps of {len(self.models)} model(s), "
                  f"ridge probes on {self.n_train} examples, {metric} on {self.n_val} held out "
-                 f"(seed {self.seed}, pooling {self.pooling}, {self.seconds:.1f} s)",
+                 f"(seed {self.seed}, pooling {self.pooling}, {self.seconds:.1f} s"
+                 + (": " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timing.items())
+                    if self.timing else "") + ")",
                  self.table()]
         if self.combinations:
             lines.append("")
@@ -153,6 +156,7 @@ class ProbeResult:
         return {
             "metric": self.metric, "n_train": self.n_train, "n_val": self.n_val,
             "pooling": self.pooling, "seed": self.seed, "seconds": round(self.seconds, 3),
+            "timing": {k: round(v, 3) for k, v in self.timing.items()},
             "taps": [{**asdict(r), "shape": list(r.shape)}
                      for r in (self.rows[:limit] if limit else self.rows)],
             "n_taps": len(self.rows),
@@ -438,48 +442,66 @@ class _Targets:
         return float(r2.mean())
 
 
+class _Std:
+    """A tap's features standardised on the training rows (float32), and their Gram matrix
+    (float64, computed once: a combination's Gram is assembled from its taps' blocks)."""
+
+    def __init__(self, z: np.ndarray, train: np.ndarray, val: np.ndarray) -> None:
+        zt = z[train].astype(np.float64)
+        mean, std = zt.mean(0), zt.std(0)
+        std[std < 1e-12] = 1.0
+        self.train = ((zt - mean) / std).astype(np.float32)
+        self.val = ((z[val].astype(np.float64) - mean) / std).astype(np.float32)
+        self._gram: np.ndarray | None = None
+
+    @property
+    def gram(self) -> np.ndarray:
+        if self._gram is None:
+            self._gram = (self.train.T @ self.train).astype(np.float64)
+        return self._gram
+
+
 def _ridge_score(z: np.ndarray, targets: _Targets, train: np.ndarray, val: np.ndarray) -> float:
-    """Held-out score of a ridge probe on features ``z``; its strength chosen by exact
-    leave-one-out on the training rows (one eigendecomposition for every strength)."""
-    zt = z[train].astype(np.float64)
-    mean = zt.mean(0)
-    std = zt.std(0)
-    std[std < 1e-12] = 1.0
-    zt = (zt - mean) / std
-    zv = (z[val].astype(np.float64) - mean) / std
+    """Held-out score of a ridge probe on features ``z`` (see :func:`_ridge`)."""
+    return _ridge([_Std(z, train, val)], targets, train, val)
+
+
+def _ridge(parts: list[_Std], targets: _Targets, train: np.ndarray, val: np.ndarray) -> float:
+    """Held-out score of a ridge probe on the concatenated standardised ``parts``; its
+    strength chosen on the training rows by generalised cross-validation (one
+    eigendecomposition serves every strength)."""
+    zt = np.concatenate([q.train for q in parts], axis=1) if len(parts) > 1 else parts[0].train
+    zv = np.concatenate([q.val for q in parts], axis=1) if len(parts) > 1 else parts[0].val
     y = targets.matrix[train]
     y_mean = y.mean(0)
     yc = y - y_mean
     n, d = zt.shape
-    if d <= n:  # primal: eigen of Z^T Z (d x d)
-        e, v = np.linalg.eigh(zt.T @ zt)
-        p = zt @ v
+    if d <= n:  # primal: eigen of Z^T Z (d x d), from the parts' Gram blocks
+        if len(parts) == 1:
+            gram = parts[0].gram
+        else:
+            gram = np.block([[a.gram if a is b else (a.train.T @ b.train).astype(np.float64)
+                              for b in parts] for a in parts])
+        e, v = np.linalg.eigh(gram)
+        proj = v.T @ (zt.T @ yc)  # (d, k): V^T Z^T y
     else:  # dual: eigen of Z Z^T (n x n); V = Z^T U / sqrt(e)
-        e, u = np.linalg.eigh(zt @ zt.T)
+        e, u = np.linalg.eigh((zt @ zt.T).astype(np.float64))
         keep = e > 1e-10 * max(e.max(), 1e-300)
         e, u = e[keep], u[:, keep]
-        s = np.sqrt(e)
-        p = u * s
-        v = (zt.T @ u) / s
+        v = (zt.T @ u) / np.sqrt(e)
+        proj = np.sqrt(e)[:, None] * (u.T @ yc)
     e = np.maximum(e, 0.0)
-    pty = p.T @ yc
-    p2 = p * p
     scale = float(e.mean()) if e.size and e.mean() > 0 else 1.0
-    best, best_key = None, None
+    best, best_gcv = None, None
     for alpha in _ALPHAS:
         inv = 1.0 / (e + alpha * scale)
-        fitted = p @ (pty * inv[:, None])
-        h = p2 @ inv + 1.0 / n  # leverage (the intercept's 1/n included)
-        loo = (fitted - h[:, None] * yc) / np.maximum(1.0 - h, 1e-9)[:, None] + y_mean
-        if targets.task == "classification":
-            key = (float(np.mean(loo.argmax(1) == targets.index[train])),
-                   -float(((loo - y) ** 2).mean()))
-        else:
-            key = (-float(((loo - y) ** 2).mean()), 0.0)
-        if best_key is None or key > best_key:
-            best, best_key = inv, key
-    pred = zv @ (v @ (pty * best[:, None])) + y_mean
-    return targets.score(pred, val)
+        w = v @ (proj * inv[:, None])
+        resid = yc - zt @ w
+        dof = float((e * inv).sum()) + 1.0  # the intercept is one more
+        gcv = float((resid ** 2).mean()) / max(1.0 - dof / n, 1e-9) ** 2
+        if best_gcv is None or gcv < best_gcv:
+            best, best_gcv = w, gcv
+    return targets.score(zv @ best + y_mean, val)
 
 
 def _split(n: int, y: np.ndarray, classification: bool, fraction: float, seed: int):
@@ -620,33 +642,42 @@ def probe(
         raise TapError(f"no model has a tap with float outputs to probe ({list(sources)})")
     done = 0
     rows: list[TapScore] = []
-    pool: dict[str, list[tuple[TapScore, np.ndarray]]] = {}
+    pool: dict[str, list[tuple[TapScore, _Std]]] = {}
+    timing = {"forward": 0.0, "probes": 0.0, "combinations": 0.0}
     for nm, model in sources.items():
         if progress is not None:
             progress(f"{nm}: forward pass", done, total)
+        t1 = time.perf_counter()
         feats = tap_features(model, xs[nm], per_model[nm], name=nm, pooling=pooling,
                              batch_size=batch_size, max_features=max_features,
                              memory_budget=memory_budget, seed=seed)
+        t2 = time.perf_counter()
+        timing["forward"] += t2 - t1
         scored = []
         for ref, (z, row) in feats.items():
-            row = TapScore(**{**asdict(row), "score": _ridge_score(z, targets, train, val)})
-            scored.append((row, z))
+            std = _Std(z, train, val)
+            row = TapScore(**{**asdict(row), "score": _ridge([std], targets, train, val)})
+            scored.append((row, std))
             done += 1
             if progress is not None:
                 progress(f"{nm}: {ref}", done, total)
+        timing["probes"] += time.perf_counter() - t2
         rows += [r for r, _ in scored]
         ranked = sorted(scored, key=lambda rz: (-rz[0].score, rz[0].used, rz[0].depth))
         pool[nm] = ranked[:top]  # only these features are kept
     rows.sort(key=lambda r: (-r.score, r.used, r.depth))
+    t3 = time.perf_counter()
     combos = _combinations(pool, targets, train, val, max_features=max_features, seed=seed,
                            progress=progress) if combine else []
+    timing["combinations"] = time.perf_counter() - t3
     return ProbeResult(rows=rows, combinations=combos, metric="accuracy"
                        if kind == "classification" else "r2", n_train=len(train),
                        n_val=len(val), pooling=pooling, seed=seed,
-                       seconds=time.perf_counter() - t0, skipped=skipped, models=dict(sources))
+                       seconds=time.perf_counter() - t0, skipped=skipped, models=dict(sources),
+                       timing=timing)
 
 
-def _combinations(pool: dict[str, list[tuple[TapScore, np.ndarray]]], targets: _Targets,
+def _combinations(pool: dict[str, list[tuple[TapScore, _Std]]], targets: _Targets,
                   train: np.ndarray, val: np.ndarray, *, max_features: int, seed: int,
                   progress: Progress | None) -> list[Combination]:
     """All pairs of pool taps of different models (of one model when there is one), then
@@ -663,14 +694,18 @@ def _combinations(pool: dict[str, list[tuple[TapScore, np.ndarray]]], targets: _
         key = tuple((m, r.tap) for m, r, _ in members)
         if key in tried:
             return tried[key]
-        z = np.concatenate([zz for _, _, zz in members], axis=1)
+        parts = [q for _, _, q in members]
+        width = sum(q.train.shape[1] for q in parts)
         note = ""
-        if z.shape[1] > max_features:
-            proj = _Projection(z.shape[1], max_features,
+        if width > max_features:
+            z = np.empty((len(train) + len(val), width), dtype=np.float32)
+            z[train] = np.concatenate([q.train for q in parts], axis=1)
+            z[val] = np.concatenate([q.val for q in parts], axis=1)
+            proj = _Projection(width, max_features,
                                (seed * 1_000_003 + zlib.crc32(repr(key).encode())) % 2**32)
-            note = f"projected {z.shape[1]} -> {max_features}"
-            z = proj(z)
-        c = Combination(key, _ridge_score(z, targets, train, val),
+            note = f"projected {width} -> {max_features}"
+            parts = [_Std(proj(z), train, val)]
+        c = Combination(key, _ridge(parts, targets, train, val),
                         sum(r.used for _, r, _ in members), note)
         tried[key] = c
         if progress is not None:
