@@ -4,6 +4,9 @@ recipes. The sources learned different label sets: A digits 0-4, B digits 5-9.""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -14,34 +17,23 @@ from kmerge.errors import InvalidArgumentError, RecipeError, VerificationError
 from kmerge.graph import compiled
 from kmerge.graph.replay import walk
 
-N_SOURCE = 576  # training examples per source: whole batches, so A and B share one program
-
-
-def small_cnn(name: str, seed: int) -> keras.Model:
-    """Conv + BatchNorm + Dense + Dropout, 5 classes; layers named so taps read clearly."""
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inp)
-    h = keras.layers.BatchNormalization(name="bn")(h)
-    h = keras.layers.MaxPooling2D(name="pool")(h)
-    h = keras.layers.Flatten(name="flat")(h)
-    h = keras.layers.Dense(16, activation="relu", name="hidden")(h)
-    h = keras.layers.Dropout(0.1, name="drop")(h)
-    return keras.Model(inp, keras.layers.Dense(5, activation="softmax", name="out")(h), name=name)
+EXAMPLE = Path(__file__).parent.parent / "examples" / "label_sets.py"
 
 
 @pytest.fixture(scope="module")
-def label_sets(digits):
-    """A trained on digits 0-4, B on digits 5-9 (labels 0-4 each)."""
+def example():
+    """examples/label_sets.py as a module: the tests use its sources and its comparison."""
+    spec = importlib.util.spec_from_file_location("label_sets_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def label_sets(example, digits):
+    """A (a CNN with BatchNorm and dropout) trained on digits 0-4, B (an MLP) on 5-9."""
     x, y, _, _ = digits
-    models = []
-    for name, seed, keep, shift in (("a", 0, y < 5, 0), ("b", 1, y >= 5, 5)):
-        m = small_cnn(name, seed)
-        m.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
-        m.fit(x[keep][:N_SOURCE], y[keep][:N_SOURCE] - shift, epochs=3, batch_size=32,
-              verbose=0)
-        models.append(m)
-    return tuple(models)
+    return example.train_sources(x, y, seed=0, epochs=5)
 
 
 def named(model, x) -> dict[str, np.ndarray]:
@@ -61,12 +53,10 @@ def build(kind: str, a, b, **kw):
 
 
 @pytest.fixture(scope="module")
-def fused(label_sets, digits):
-    """A's hidden layer and B's flattened maps fused, a ten-class head trained on all digits."""
-    x, y, _, _ = digits
-    m = build("fuse", *label_sets)
-    kmerge.fit_head(m, x, y, epochs=5, seed=0, verbose=0)
-    return m
+def compared(example, label_sets, digits):
+    """The example's comparison, with short training: sources alone, the no-training rule,
+    and the parallel and fuse multi-task merges with trained heads."""
+    return example.compare(*label_sets, digits, seed=0, epochs=3, auto=False)
 
 
 @pytest.mark.parametrize("kind", ["parallel", "fuse"])
@@ -99,7 +89,7 @@ def test_every_layer_runs_once(label_sets):
         assert len(meta[n]["layers"]) == len(walk(src).leaf_calls)
     plain = kmerge.fuse({"a": (a, "hidden"), "b": (b, "flat")}, head=kmerge.heads.classifier(10),
                         verify=False)
-    # keep_outputs adds only the layers after the taps: a's drop and out, b's hidden, drop, out
+    # keep_outputs adds only the layers after the taps: a's drop and out, b's two Dense and out
     assert len(m.layers) - len(plain.layers) == 5
 
 
@@ -125,25 +115,23 @@ def test_fit_head_trains_only_the_head(label_sets, digits):
     assert np.isfinite(cached.evaluate(x_te[:32], {"head": y_te[:32]}, verbose=0))
 
 
-def test_label_sets_fused_head_learns_all_ten_classes(fused, digits):
-    """A knows 0-4 and B 5-9: alone each gets at most half the ten-class test set right; a
-    head on their fused features learns all ten, and the old tasks stay available."""
-    _, _, x_te, y_te = digits
-    out = named(fused, x_te)
-    alone = {"a": np.mean(out["a"].argmax(1) == y_te),
-             "b": np.mean(out["b"].argmax(1) + 5 == y_te)}
-    head = np.mean(out["head"].argmax(1) == y_te)
-    assert max(alone.values()) <= 0.5 < head, (alone, head)
-    # each kept output still does its own task: A on 0-4, B on 5-9
-    low, high = y_te < 5, y_te >= 5
-    assert np.mean(out["a"][low].argmax(1) == y_te[low]) > 0.5
-    assert np.mean(out["b"][high].argmax(1) + 5 == y_te[high]) > 0.5
+def test_label_sets_one_model_learns_all_ten_classes(compared):
+    """A knows 0-4 and B 5-9: alone each is right on at most half of the ten-digit test set; a
+    head on their merged outputs or features learns all ten, and the kept outputs still do
+    the old tasks (A on 0-4, B on 5-9), verified bit-exact against A and B."""
+    sources = [r["accuracy"] for k, r in compared.items() if "alone" in k]
+    merged = {k: r for k, r in compared.items() if "model" in r}
+    assert len(sources) == 2 and len(merged) == 2
+    for name, row in merged.items():
+        assert max(sources) <= 0.5 < row["accuracy"], (name, sources, row)
+        assert row["kept"] and row["a_on_0_4"] > 0.5 and row["b_on_5_9"] > 0.5, (name, row)
 
 
-def test_save_load_with_plain_keras_and_verify(fused, label_sets, digits, tmp_path):
+def test_save_load_with_plain_keras_and_verify(compared, label_sets, digits, tmp_path):
     a, b = label_sets
-    path = kmerge.save(fused, tmp_path / "multi.keras")
-    want = named(fused, digits[2][:16])
+    m = compared["fuse: penultimate layers + head"]["model"]  # trained with fit_head
+    path = kmerge.save(m, tmp_path / "multi.keras")
+    want = named(m, digits[2][:16])
     plain = keras.models.load_model(path)  # kmerge is imported: its layers are registered
     got = named(plain, digits[2][:16])
     assert list(got) == ["a", "b", "head"]
