@@ -29,9 +29,12 @@ $(DEMO_DIR)/model_a.h5: | $(VENV)/.ready-jax
 	KERAS_BACKEND=jax $(BIN)/kmerge demo --out $(DEMO_DIR)
 
 # Every example recipe, on the demo's models (made first if missing); outputs in examples/out/.
+# Then the example scripts (they train their own models).
 examples: $(VENV)/.ready-jax $(DEMO_DIR)/model_a.h5
 	for r in examples/*.yaml; do echo "=== kmerge run $$r"; \
 	  KERAS_BACKEND=jax $(BIN)/kmerge run $$r || exit 1; done
+	for s in examples/*.py; do echo "=== python $$s"; \
+	  KERAS_BACKEND=jax $(BIN)/python $$s || exit 1; done
 
 test: $(VENV)/.ready-$(BACKEND)
 	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
