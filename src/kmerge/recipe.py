@@ -192,8 +192,9 @@ class DistillStep(_Step):
     kind: Literal["distill"]
     teacher: str | list[str]
     student: StudentSpec
-    temperature: float = Field(3.0, gt=0)
-    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    # alpha "auto": chosen on held-out data (kmerge.distill); temperature null: chosen, or 3
+    temperature: Annotated[float, Field(gt=0)] | None = None
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = "auto"
     epochs: int = Field(gt=0)
     batch_size: int = Field(32, gt=0)
 
