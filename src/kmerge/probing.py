@@ -476,6 +476,7 @@ def _ridge(parts: list[_Std], targets: _Targets, train: np.ndarray, val: np.ndar
     y_mean = y.mean(0)
     yc = y - y_mean
     n, d = zt.shape
+    yy = float((yc ** 2).sum())
     if d <= n:  # primal: eigen of Z^T Z (d x d), from the parts' Gram blocks
         if len(parts) == 1:
             gram = parts[0].gram
@@ -483,25 +484,33 @@ def _ridge(parts: list[_Std], targets: _Targets, train: np.ndarray, val: np.ndar
             gram = np.block([[a.gram if a is b else (a.train.T @ b.train).astype(np.float64)
                               for b in parts] for a in parts])
         e, v = np.linalg.eigh(gram)
-        proj = v.T @ (zt.T @ yc)  # (d, k): V^T Z^T y
+        e = np.maximum(e, 0.0)
+        proj = v.T @ (zt.T @ yc).astype(np.float64)  # (d, k): V^T Z^T y
+        pn = (proj ** 2).sum(1)
+
+        def rss(inv: np.ndarray) -> float:  # ||y - Z w||^2 in the eigenbasis: O(d k)
+            return yy - 2.0 * float((inv * pn).sum()) + float((e * inv * inv * pn).sum())
     else:  # dual: eigen of Z Z^T (n x n); V = Z^T U / sqrt(e)
         e, u = np.linalg.eigh((zt @ zt.T).astype(np.float64))
         keep = e > 1e-10 * max(e.max(), 1e-300)
         e, u = e[keep], u[:, keep]
         v = (zt.T @ u) / np.sqrt(e)
-        proj = np.sqrt(e)[:, None] * (u.T @ yc)
-    e = np.maximum(e, 0.0)
+        c = u.T @ yc
+        proj = np.sqrt(e)[:, None] * c
+        cn = (c ** 2).sum(1)
+
+        def rss(inv: np.ndarray) -> float:
+            return yy - float(cn.sum()) + float((((1.0 - e * inv) ** 2) * cn).sum())
     scale = float(e.mean()) if e.size and e.mean() > 0 else 1.0
     best, best_gcv = None, None
     for alpha in _ALPHAS:
         inv = 1.0 / (e + alpha * scale)
-        w = v @ (proj * inv[:, None])
-        resid = yc - zt @ w
         dof = float((e * inv).sum()) + 1.0  # the intercept is one more
-        gcv = float((resid ** 2).mean()) / max(1.0 - dof / n, 1e-9) ** 2
+        gcv = max(rss(inv), 0.0) / n / max(1.0 - dof / n, 1e-9) ** 2
         if best_gcv is None or gcv < best_gcv:
-            best, best_gcv = w, gcv
-    return targets.score(zv @ best + y_mean, val)
+            best, best_gcv = inv, gcv
+    w = v @ (proj * best[:, None])
+    return targets.score(zv @ w + y_mean, val)
 
 
 def _split(n: int, y: np.ndarray, classification: bool, fraction: float, seed: int):
