@@ -15,7 +15,7 @@ B's bit-exactly (kmerge.verify), so the old tasks keep working beside the new on
 
 Run from the repository root (make demo is not needed):
 
-    python examples/label_sets.py              # 3 seeds, about a minute on a laptop CPU
+    python examples/label_sets.py              # 3 seeds: a few minutes on a CPU
     python examples/label_sets.py --seeds 1 --epochs 5
 
 The head trains on the training split labelled 0-9 (the labelled data for the new task); the
