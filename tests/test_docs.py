@@ -65,6 +65,7 @@ def test_readme_tour_runs(trained, digits, tmp_path, capsys):
     assert len(namespace["history"].history["loss"]) == 3
     out = capsys.readouterr().out
     assert "kmerge verify: OK" in out and "kmerge parallel plan" in out
+    assert "kmerge probe:" in out and "best:" in out  # the probe's table
     assert (tmp_path / "merged.keras").exists()
     # The comment under print(kmerge.info(s)["adapters"]) is what it prints.
     lines = tour[0].splitlines()
