@@ -461,11 +461,6 @@ class _Std:
         return self._gram
 
 
-def _ridge_score(z: np.ndarray, targets: _Targets, train: np.ndarray, val: np.ndarray) -> float:
-    """Held-out score of a ridge probe on features ``z`` (see :func:`_ridge`)."""
-    return _ridge([_Std(z, train, val)], targets, train, val)
-
-
 def _ridge(parts: list[_Std], targets: _Targets, train: np.ndarray, val: np.ndarray) -> float:
     """Held-out score of a ridge probe on the concatenated standardised ``parts``; its
     strength chosen on the training rows by generalised cross-validation (one
