@@ -37,7 +37,7 @@ def setup():
     k, b = useless.layers[-1].get_weights()
     perm = np.roll(np.arange(10), 3)
     useless.layers[-1].set_weights([k[:, perm], b[perm]])
-    return x_tr[:N], y_tr[:N], x_te, y_te, teacher, useless
+    return x_tr, y_tr, x_te, y_te, teacher, useless
 
 
 def _acc(m, x, y):
@@ -54,6 +54,7 @@ def _run(teacher, x, y, **kw):
 
 def test_auto_distills_from_a_good_teacher_and_records_the_search(setup):
     x, y, x_te, y_te, teacher, _ = setup
+    x, y = x[:N], y[:N]
     s = _run(teacher, x, y)
     d = kmerge.info(s)["distill"]
     search = d["search"]
@@ -75,14 +76,18 @@ def test_auto_distills_from_a_good_teacher_and_records_the_search(setup):
 
 
 def test_auto_keeps_the_labels_when_the_teacher_is_useless(setup):
+    # more data, fewer epochs: the student does not overfit, so soft targets cannot help as a
+    # regulariser (in the small-data setting a rotated teacher at T=4, trusted at ~3%, acts as
+    # label smoothing and can legitimately win on held-out data)
     x, y, _, _, _, useless = setup
-    s = _run(useless, x, y)
+    x, y = x[:600], y[:600]
+    s = _run(useless, x, y, epochs=4)
     d = kmerge.info(s)["distill"]
     assert d["alpha"] == 0.0
     assert d["search"]["chosen"] == d["search"]["baseline"]
     assert d["trust_mean"] < 0.2  # confidently wrong everywhere: trusted nowhere
     # choosing labels alone gives exactly the labels-only student (same loop and seed)
-    base = _run(useless, x, y, alpha=0.0)
+    base = _run(useless, x, y, alpha=0.0, epochs=4)
     assert same_weights([np.array(w) for w in s.get_weights()],
                         [np.array(w) for w in base.get_weights()])
     assert s.layers[-1].activation.__name__ == "softmax"  # restored after the trials
@@ -90,7 +95,7 @@ def test_auto_keeps_the_labels_when_the_teacher_is_useless(setup):
 
 def test_explicit_alpha_is_plain_hinton_without_search(setup):
     x, y, _, _, teacher, _ = setup
-    s = _run(teacher, x, y, alpha=0.9, epochs=2)
+    s = _run(teacher, x[:N], y[:N], alpha=0.9, epochs=2)
     d = kmerge.info(s)["distill"]
     assert (d["alpha"], d["temperature"], d["trust"]) == (0.9, 3.0, "uniform")
     assert "search" not in d and len(d["history"]["loss"]) == 2

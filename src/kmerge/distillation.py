@@ -166,6 +166,7 @@ class _Trainer(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         ops = keras.ops
         s = ops.cast(y_pred, "float32")
+        y = ops.cast(y, "float32")
         if self.student_probs:
             s = ops.log(ops.clip(s, _EPS, 1.0))
         c = self.classes
