@@ -296,7 +296,7 @@ def test_every_command_help_has_a_description_described_arguments_and_examples()
     for name, sp in sub.choices.items():
         assert len(sp.description or "") > 60, name
         examples = sp.epilog.split("examples:\n", 1)[1].splitlines()
-        assert 1 <= len(examples) <= 2 and all(
+        assert 1 <= len(examples) <= 3 and all(
             e.startswith(f"  kmerge {name}") for e in examples), (name, examples)
         for action in sp._actions:
             assert action.help, (name, action.dest)
