@@ -240,7 +240,7 @@ def test_recipe_probe_step_and_fuse_taps_auto(trained, tmp_path):
 
     path_a, path_b = trained
     recipe = tmp_path / "r.yaml"
-    head = "models:\n  a: {path: %s}\n  b: {path: %s}\n" % (path_a, path_b)
+    head = f"models:\n  a: {{path: {path_a}}}\n  b: {{path: {path_b}}}\n"
     recipe.write_text(head + "data: {source: sklearn:digits, test_size: 0.75}\nsteps:\n"
                       "  - {kind: probe, name: ranking, models: [a, b], top: 2}\n"
                       "  - {kind: fuse, name: fused, taps: auto, probe: ranking,\n"
