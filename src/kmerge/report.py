@@ -11,6 +11,7 @@ Importing this module is cheap: Keras and matplotlib are imported when a report 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -142,11 +143,7 @@ def write_report(
     if task == "classification":
         data.update(_classification_details(data, final, best))
 
-    parent = out.absolute().parent
-    created = _missing_ancestor(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_dir(parent, out.name)
-    try:
+    with _staging(out) as tmp:
         figures = _draw_figures(tmp, data, final=final)
         arch = _architecture(tmp, models[final])
         figures["architecture"] = "architecture.png" if arch["kind"] == "image" else None
@@ -155,12 +152,6 @@ def write_report(
         (tmp / "report.md").write_text(_markdown(data), encoding="utf-8")
         (tmp / "report.json").write_text(
             json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
     return out
 
 
@@ -792,11 +783,7 @@ def write_probe_report(out_dir: str | os.PathLike, result: Any, *,
     if blocked:
         raise InvalidArgumentError(f"{os.fspath(out)!r} holds folders named {blocked}; the "
                                    "probe report writes files there")
-    parent = out.absolute().parent
-    created = _missing_ancestor(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_dir(parent, out.name)
-    try:
+    with _staging(out, stale=()) as tmp:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         fig = result.plot()
@@ -808,12 +795,6 @@ def write_probe_report(out_dir: str | os.PathLike, result: Any, *,
         md = [f"# {title}", "", f"Created {_dt.datetime.now().isoformat(timespec='seconds')}.",
               "", "```", str(result), "```", "", "![probe score against depth](probe.png)", ""]
         (tmp / "probe.md").write_text("\n".join(md), encoding="utf-8")
-        _publish(tmp, out, stale=())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
     return out
 
 
@@ -840,6 +821,25 @@ def _missing_ancestor(path: pathlib.Path) -> pathlib.Path | None:
     while not path.exists():
         missing, path = path, path.parent
     return missing
+
+
+@contextlib.contextmanager
+def _staging(out: pathlib.Path, stale: Sequence[str] = FIGURES):
+    """A temporary folder beside ``out`` to render into; published as ``out`` when the block
+    ends (see :func:`_publish`), removed with any folder it created when the block raises,
+    so a failure writes nothing."""
+    parent = out.absolute().parent
+    created = _missing_ancestor(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_dir(parent, out.name)
+    try:
+        yield tmp
+        _publish(tmp, out, stale=stale)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def _temp_dir(parent: pathlib.Path, name: str) -> pathlib.Path:
