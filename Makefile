@@ -37,7 +37,7 @@ examples: $(VENV)/.ready-jax $(DEMO_DIR)/model_a.h5
 	  KERAS_BACKEND=jax $(BIN)/python $$s || exit 1; done
 
 test: $(VENV)/.ready-$(BACKEND)
-	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	KERAS_BACKEND=$(BACKEND) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # README.md's Quickstart and "Using kmerge", command by command, in a copy of this tree with a
 # fresh venv and a fresh HOME (minutes; needs the package index). FRESH=full also runs
@@ -57,7 +57,7 @@ $(OLDEST)/.ready: pyproject.toml
 	touch $@
 
 test-oldest: $(OLDEST)/.ready
-	KERAS_BACKEND=jax OMP_NUM_THREADS=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	KERAS_BACKEND=jax OMP_NUM_THREADS=1 $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-all:
 	$(MAKE) test BACKEND=jax

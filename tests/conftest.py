@@ -112,3 +112,22 @@ def trained(digits, tmp_path_factory):
     a.save(d / "model_a.h5")
     b.save(d / "model_b.keras")
     return d / "model_a.h5", d / "model_b.keras"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`kmerge demo --epochs 2` run once per test process: ``(folder, what it printed)``.
+
+    Tests that use it carry ``@pytest.mark.xdist_group("demo")`` so that pytest-xdist
+    (``make test`` runs ``--dist loadgroup``) sends them to one worker and the demo runs once.
+    """
+    import contextlib
+    import io
+
+    from kmerge.cli import main
+
+    d = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(d), "--epochs", "2"]) == 0
+    return d, printed.getvalue()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import cnn
 
 from kmerge.cli import main
@@ -50,11 +51,11 @@ def test_errors_are_one_line_exit_1(tmp_path, capsys):
     assert err.startswith("error: ") and "missing.keras" in err and "Traceback" not in err
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "2"]) == 0
-    out = capsys.readouterr().out
+@pytest.mark.xdist_group("demo")
+def test_demo_runs_end_to_end(demo_run):
+    folder, out = demo_run  # conftest: `kmerge demo --out DIR --epochs 2` through main()
     assert "parallel concat + head" in out and "identical predictions: True" in out
-    assert (tmp_path / "model_a.h5").exists() and (tmp_path / "merged_parallel.keras").exists()
+    assert (folder / "model_a.h5").exists() and (folder / "merged_parallel.keras").exists()
 
 
 # -- merge subcommands through main() -----------------------------------------------------

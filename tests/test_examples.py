@@ -11,15 +11,17 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A copy of examples/ with models/ made by `kmerge demo` (2 epochs: fast, still real)."""
+def workdir(tmp_path_factory, demo_run):
+    """A copy of examples/ with models/ made by `kmerge demo` (2 epochs: fast, still real;
+    conftest's one demo run, copied)."""
     d = tmp_path_factory.mktemp("examples")
     for recipe in EXAMPLES.glob("*.yaml"):
         shutil.copy(recipe, d / recipe.name)
-    assert main(["--quiet", "demo", "--out", str(d / "models"), "--epochs", "2"]) == 0
+    shutil.copytree(demo_run[0], d / "models")
     return d
 
 
+@pytest.mark.xdist_group("demo")
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_example_runs(workdir, name, capsys):
     capsys.readouterr()
