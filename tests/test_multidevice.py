@@ -45,8 +45,9 @@ _SCRIPT = textwrap.dedent("""
 
 
 def _start(devices: str) -> subprocess.Popen:
+    flags = os.environ.get("XLA_FLAGS", "")  # the suite's own (tests/_speed.py) stay
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip())
     tests = str(Path(__file__).parent)
     src = str(Path(__file__).parent.parent / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
