@@ -580,3 +580,18 @@ def test_run_api_warns_for_safe_mode_off(project):
                                          r"models/c\.keras run their Python code"):
         result = run(load_recipe(r), echo=lambda s: None)
     assert result.saved["avg"] == project / "out" / "avg.keras"
+
+
+@pytest.mark.parametrize("argv", [
+    ["probe", "{a}", "{missing}", "--data", "digits"],
+    ["parallel", "{a}", "{missing}", "-o", "{out}", "--data", "digits"],
+    ["weights", "{a}", "{missing}", "-o", "{out}", "--method", "linear", "--data", "digits"],
+])
+def test_a_missing_model_file_is_reported_before_any_data_loads(files, tmp_path, capsys, argv):
+    names = {"a": str(files / "a.keras"), "missing": str(tmp_path / "nope.keras"),
+             "out": str(tmp_path / "m.keras")}
+    assert main([a.format(**names) for a in argv]) == 1
+    out, err = capsys.readouterr()
+    assert "nope.keras: no such file or directory" in err
+    assert "data:" not in out and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

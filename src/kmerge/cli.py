@@ -459,6 +459,14 @@ def _files(texts: Sequence[str]) -> list[str]:
     return [p for t in texts for p in model_arg(t) if p]
 
 
+def _check_sources(texts: Sequence[str]) -> None:
+    """Every model file named exists (the load's own error otherwise), before data loads."""
+    from kmerge.io import check_exists
+
+    for path in _files(texts):
+        check_exists(path)
+
+
 def _load_one(text: str, *, safe_mode: bool = True):
     from kmerge.io import load
 
@@ -670,6 +678,7 @@ def _prepare(args, echo, sources: Sequence[str]):
             echo("--dry-run: the plan only; --data is not loaded, nothing trains or is written")
         return None
     _check_output(args.output, args.overwrite, sources)
+    _check_sources(sources)
     data = _load_data(args, echo)
     if data is not None or args.untrained:  # a merge that is saved: seed its new layers
         import keras
@@ -786,6 +795,7 @@ def _probe(args, echo) -> int:
     if args.json:  # stdout is the JSON document alone
         def echo(text: str) -> None:
             pass
+    _check_sources(args.models)
     data = _load_data(args, echo)
     models = _load_all(_names(args.models))
     x = {n: inputs_for(m, data.x_train) for n, m in models.items()}
@@ -829,6 +839,7 @@ def _weights(args, echo) -> int:
                                    f"{args.method!r}; use {flags[key]}")
     weights = parse_weights(args.weights)
     _check_output(args.output, args.overwrite, [*args.models, *([args.base] if args.base else [])])
+    _check_sources([*args.models, *([args.base] if args.base else [])])
     stream, why_not = _stream_plan(args)
     data = _load_data(args, echo)
     sources = _names(args.models)

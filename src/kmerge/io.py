@@ -173,6 +173,14 @@ def _as_path(path: Any, what: str) -> Path:
     return Path(text).expanduser().absolute()
 
 
+def check_exists(path: Any, what: str = "path") -> Path:
+    """The absolute path of a model file or folder that exists, or the typed error
+    :func:`load` would raise for it (callers check every source before reading data)."""
+    p = _as_path(path, what)
+    _stat(p)
+    return p
+
+
 def _stat(p: Path) -> os.stat_result:
     try:
         return os.stat(p)
