@@ -176,19 +176,24 @@ def _repair(merged: keras.Model, walk: SpecWalk, sources: list[keras.Model],
         std_t = sum(w * np.sqrt(s[li].var) for w, s in zip(weights, source_stats))
         std_m = np.sqrt(moments.var)
         scale = std_t / np.maximum(std_m, 1e-8)
-        kernel_attr = _REPAIRABLE[type(layer).__name__]
         for target in (layer, rb.layers[id(layer)]):
-            kernel = getattr(target, kernel_attr)
-            k = np.asarray(keras.ops.convert_to_numpy(kernel.value), np.float64)
-            dtype = keras.backend.standardize_dtype(kernel.dtype)
-            kernel.assign((k * scale).astype(dtype))
-            if target.use_bias:
-                b = np.asarray(keras.ops.convert_to_numpy(target.bias.value), np.float64)
-                target.bias.assign(((b - moments.mean) * scale + mean_t).astype(dtype))
+            rescale(target, scale, moments.mean, mean_t)
         done.append({"layer": walk.names[li], "channels": int(len(scale)),
                      "shifted": bool(layer.use_bias),
                      "scale_min": float(scale.min()), "scale_max": float(scale.max())})
     return done
+
+
+def rescale(layer, scale: np.ndarray, mean_now: np.ndarray, mean_target: np.ndarray) -> None:
+    """REPAIR's update of one layer: per output channel, the kernel is multiplied by ``scale``
+    and the bias moved so a pre-activation of mean ``mean_now`` gets ``mean_target``."""
+    kernel = getattr(layer, _REPAIRABLE[type(layer).__name__])
+    k = np.asarray(keras.ops.convert_to_numpy(kernel.value), np.float64)
+    dtype = keras.backend.standardize_dtype(kernel.dtype)
+    kernel.assign((k * scale).astype(dtype))
+    if layer.use_bias:
+        b = np.asarray(keras.ops.convert_to_numpy(layer.bias.value), np.float64)
+        layer.bias.assign(((b - mean_now) * scale + mean_target).astype(dtype))
 
 
 def repair(

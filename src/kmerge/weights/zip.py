@@ -489,18 +489,11 @@ def _rescale(mwalk: SpecWalk, li: int, mean_t: np.ndarray, std_t: np.ndarray, da
              batch_size: int) -> dict:
     """Give layer ``li`` of the merged model the pre-activation mean ``mean_t`` and std
     ``std_t`` per channel, through its kernel and bias (REPAIR's update)."""
-    from kmerge.weights.repair import _REPAIRABLE, _pre_stats
+    from kmerge.weights.repair import _pre_stats, rescale
 
     mine = _pre_stats(mwalk, [li], data, batch_size)[li]
     scale = std_t / np.maximum(np.sqrt(mine.var), 1e-8)
-    target = mwalk.layers[li]
-    kernel = getattr(target, _REPAIRABLE[type(target).__name__])
-    kv = np.asarray(keras.ops.convert_to_numpy(kernel.value), np.float64)
-    dtype = keras.backend.standardize_dtype(kernel.dtype)
-    kernel.assign((kv * scale).astype(dtype))
-    if target.use_bias:
-        b = np.asarray(keras.ops.convert_to_numpy(target.bias.value), np.float64)
-        target.bias.assign(((b - mine.mean) * scale + mean_t).astype(dtype))
+    rescale(mwalk.layers[li], scale, mine.mean, mean_t)
     return {"layer": mwalk.names[li], "channels": int(len(scale)),
             "scale_min": float(scale.min()), "scale_max": float(scale.max())}
 
