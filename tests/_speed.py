@@ -7,8 +7,8 @@ same program twice; kmerge's own compiled path does the same across tests. jax's
 compilation cache is keyed by the optimized program (debug information, i.e. layer names,
 excluded), the jax/jaxlib version, the XLA flags and the device, so a hit returns the very
 executable a compile would have produced: no test sees anything different, and nothing about
-the code under test changes. Separately, :func:`fast_codegen` compiles at XLA's backend
-optimisation level 0 (see there: the cold run's biggest saving).
+the code under test changes. Separately, :func:`fast_codegen` makes XLA's CPU code generation
+cheap (see there: the cold run's biggest saving).
 
 * within one run, repeated programs are compiled once (~15% of compilations hit);
 * across runs, a second ``make test`` finds most programs compiled already.
@@ -40,26 +40,62 @@ def cache_dir() -> Path | None:
 
 
 def fast_codegen() -> bool:
-    """Compile the tests' programs with XLA's backend optimisation level 0 (jax only).
+    """Compile the tests' programs with XLA's cheapest CPU code generation (jax only).
 
-    Cold, the suite spends most of its time in XLA's CPU backend (LLVM) compiling a few
-    thousand small programs it runs a handful of times each. Level 0 leaves HLO optimisation
-    (fusion, CSE) as it is, so the graphs XLA runs are the same; only the machine code is less
-    optimised. Measured on 2 cores, 1052 tests, ``make test`` with a fresh
-    ``KMERGE_TEST_JAX_CACHE`` folder: 602 s wall / 960 s CPU at the default level, 358 s /
-    667 s at level 0 (and 150 s once the cache is warm). Every bit-exact comparison in the
-    suite compares two results computed in one process under the same flags; the suite passes
-    at either level. ``KMERGE_TEST_XLA_FAST=0`` keeps XLA's default level. Returns whether
-    the flag was added."""
+    Cold, the suite spends most of its time in XLA's CPU backend compiling a few thousand
+    small programs it runs a handful of times each. Two flags leave HLO optimisation (fusion,
+    CSE) as it is, so the graphs XLA runs are the same; only the machine code of each fusion
+    is made more cheaply:
+
+    * ``--xla_backend_optimization_level=0``: LLVM does not optimise the generated code;
+    * ``--xla_cpu_use_fusion_emitters=false`` (jaxlibs that know it): fusions are emitted by
+      XLA's elemental emitter instead of the MLIR fusion emitters, which cost most of the
+      remaining compile time for small programs.
+
+    Measured on 2 cores, quiet, ``make test``'s command with a fresh ``KMERGE_TEST_JAX_CACHE``
+    folder (a first run on a fresh machine), ``/usr/bin/time`` for wall and CPU: XLA's defaults
+    602 s wall / 960 s CPU (1052 tests); level 0 alone 358 s / 667 s (1052 tests); both flags
+    209 s / 355 s (1055 tests), and 125 s / 233 s with the cache warm. Results
+    may differ from the default codegen in the last bits (operation order inside a fusion);
+    every bit-exact comparison in the suite compares two results computed in one process
+    under the same flags, and the suite passes with either setting.
+    ``KMERGE_TEST_XLA_FAST=0`` keeps XLA's defaults. Returns whether flags were added."""
     if os.environ.get("KERAS_BACKEND", "jax") != "jax":
         return False
     if os.environ.get("KMERGE_TEST_XLA_FAST", "1").lower() in ("0", "off", "no", "false"):
         return False
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" in flags:
-        return False  # the caller chose
-    os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
+        return False  # the caller chose (or a parent test process did: subprocesses inherit)
+    added = ["--xla_backend_optimization_level=0"]
+    if _jaxlib_knows("xla_cpu_use_fusion_emitters"):
+        added.append("--xla_cpu_use_fusion_emitters=false")
+    os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
     return True
+
+
+def _jaxlib_knows(flag: str) -> bool:
+    """Whether the installed jaxlib's XLA defines ``flag``: XLA aborts the process on an
+    unknown flag in ``XLA_FLAGS``, and which flags exist depends on the jaxlib release. The
+    flag's name is a string in the library that parses it (found without importing jax)."""
+    import importlib.util
+    import mmap
+
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    needle = flag.encode()
+    for folder in spec.submodule_search_locations:
+        for lib in sorted(Path(folder).rglob("*.so")):
+            try:
+                if lib.stat().st_size < 1 << 20:
+                    continue  # the shims; XLA lives in the big libraries
+                with lib.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    if m.find(needle) >= 0:
+                        return True
+            except (OSError, ValueError):
+                continue
+    return False
 
 
 def configure() -> Path | None:
