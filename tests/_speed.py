@@ -55,7 +55,8 @@ def fast_codegen() -> bool:
     Measured on 2 cores, quiet, ``make test``'s command with a fresh ``KMERGE_TEST_JAX_CACHE``
     folder (a first run on a fresh machine), ``/usr/bin/time`` for wall and CPU: XLA's defaults
     602 s wall / 960 s CPU (1052 tests); level 0 alone 358 s / 667 s (1052 tests); both flags
-    209 s / 355 s (1055 tests), and 125 s / 233 s with the cache warm. Results
+    209 s / 355 s (1055 tests, with a per-test profiler attached); ``/usr/bin/time make test``
+    itself: 190 s / 319 s, and 125 s / 227 s with the cache warm. Results
     may differ from the default codegen in the last bits (operation order inside a fusion);
     every bit-exact comparison in the suite compares two results computed in one process
     under the same flags, and the suite passes with either setting.
