@@ -245,3 +245,53 @@ def test_recipe_keep_outputs_scores_and_reports_the_head(files):
     assert result.scores["multi"] == head
     # a report evaluates the same output (kmerge.report's evaluation, without its timings)
     np.testing.assert_array_equal(_predict(m, [result.data.x_test], 256), out["head"])
+
+
+def test_distill_and_students_use_the_new_output(label_sets, digits):
+    """A multi-task merge teaches through its new output: the student distilled from it is
+    bit for bit the student distilled from a model made of that output alone, and
+    ``students.like`` gives a one-output student of it."""
+    from kmerge.distillation import teacher_logits
+    from kmerge.graph.build import task_model
+
+    a, b = label_sets
+    x, y = digits[0][:64], digits[1][:64]
+    m = build("parallel", a, b)
+    view = task_model(m)
+    assert view is not m and [t.shape for t in view.outputs] == [(None, 10)]
+    assert task_model(a) is a  # a one-output model is its own task model
+    head = named(m, x)["head"]
+    np.testing.assert_allclose(teacher_logits([view], x), np.log(np.clip(head, 1e-12, 1)),
+                               rtol=1e-6, atol=1e-6)
+    students = []
+    for teacher in (m, keras.Model(m.inputs, m.output["head"])):
+        # width 1: like() scales hidden layers, and the sources' outputs are hidden in a view
+        # of the head alone (a 5-class softmax scaled to 1 unit would not build)
+        student = kmerge.students.like(m, width=1.0, seed=3)
+        assert len(student.outputs) == 1 and student.outputs[0].shape == (None, 10)
+        kmerge.distill(teacher, student, x, y=y, alpha=0.5, temperature=2.0, epochs=1,
+                       batch_size=16, seed=0, verbose=0)
+        students.append(weights_of(student))
+        if teacher is m:
+            assert kmerge.info(student)["distill"]["teachers"] == [m.name]
+    assert all(np.array_equal(p, q) for p, q in zip(*students))
+
+
+def test_cli_data_scores_the_sources_beside_the_new_output(trained, files, tmp_path, capsys):
+    """``--data`` on a multi-task merge: sources with the new output's 10 classes are scored
+    beside it; the label-set sources (5 classes each) are named as not comparable."""
+    from kmerge.cli import main
+
+    a, b = map(str, trained)
+    out = tmp_path / "multi.keras"
+    assert main(["parallel", a, b, "-o", str(out), "--head", "classifier:10", "--keep-outputs",
+                 "--data", "digits", "--epochs", "1", "--seed", "0"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "not scored" not in printed
+    table = printed[printed.index("test accuracy"):].splitlines()
+    assert [ln.split()[0] for ln in table[2:5]] == ["model_a", "model_b", "merged"], printed
+    assert main(["parallel", str(files / "a.keras"), str(files / "b.keras"), "-o", str(out),
+                 "--head", "classifier:10", "--keep-outputs", "--data", "digits", "--epochs", "1",
+                 "--overwrite", "-q"]) == 0, capsys.readouterr().err
+    assert ("not scored: a (its output is not the merge's), b (its output is not the merge's)"
+            in capsys.readouterr().out)

@@ -623,9 +623,11 @@ def _train(model, data, args, echo) -> None:
 def _evaluate(model, sources: dict, data, label: str) -> None:
     """The test scores of every source whose output is comparable and of ``model`` (a
     result: printed also with ``-q``)."""
+    from kmerge.graph.build import task_model
     from kmerge.runner import format_scores, score
 
-    want = tuple(model.outputs[0].shape[1:]) if len(model.outputs) == 1 else None
+    task = task_model(model)  # a multi-task merge is compared on its new output
+    want = tuple(task.outputs[0].shape[1:]) if len(task.outputs) == 1 else None
     scores, skipped = {}, []
     for name, src in sources.items():
         outs = getattr(src, "outputs", None) or []

@@ -27,6 +27,7 @@ from kmerge import _keras
 from kmerge.arguments import integer, model_inputs, number
 from kmerge.arguments import labels as check_targets
 from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
+from kmerge.graph.build import task_model
 from kmerge.graph.rebuild import check_model
 from kmerge.metadata import attach, derivation, meta_of
 from kmerge.training.guard import unchanged_on_failure
@@ -320,6 +321,8 @@ def distill(
     if not teachers:
         raise InvalidArgumentError("teacher is an empty list; pass a model or a list of models")
     teachers = [check_model(t, f"teacher {i}") for i, t in enumerate(teachers)]
+    # a multi-task merge (keep_outputs=True) teaches through its new output
+    views = [task_model(t) for t in teachers]
     student = check_model(student, "student")
     epochs = integer(epochs, "epochs")
     check_verbose(verbose)
@@ -339,7 +342,7 @@ def distill(
         raise InvalidArgumentError(
             f"trust must be 'auto', 'confidence' or 'uniform'; received {trust!r}")
     s_shape = tuple(student.outputs[0].shape[1:]) if len(student.outputs) == 1 else None
-    for t in teachers:
+    for t in views:
         t_shape = tuple(t.outputs[0].shape[1:]) if len(t.outputs) == 1 else None
         if t_shape is None or s_shape is None or t_shape != s_shape or len(t_shape) != 1:
             raise IncompatibleModelsError(
@@ -356,7 +359,7 @@ def distill(
         )
     # x checked against every model before any of them runs (see kmerge.arguments)
     (x,) = model_inputs(student, x, "x")
-    for t in teachers:
+    for t in views:
         model_inputs(t, x, f"x (for teacher {t.name!r})")
     classes = int(s_shape[0])
     seed = integer(seed, "seed", low=0, optional=True)
@@ -396,7 +399,7 @@ def distill(
                 "more data, or a number alpha (e.g. alpha=0.5, temperature=3)")
     keras.utils.set_random_seed(seed)
 
-    logits = teacher_logits(teachers, x)
+    logits = teacher_logits(views, x)
     weight = teacher_trust(logits, onehot) if confident else np.ones(len(x), "float32")
 
     def packed(a: float, temp: float, rows=slice(None)) -> np.ndarray:

@@ -10,6 +10,7 @@ import keras
 from kmerge import _keras
 from kmerge.arguments import integer, number
 from kmerge.errors import InvalidModelError
+from kmerge.graph.build import task_model
 from kmerge.graph.rebuild import is_graph_model
 
 __all__ = ["like", "count_flops"]
@@ -23,10 +24,11 @@ def like(model: keras.Model, width: float = 0.5, *, seed: int | None = None,
 
     Every ``Dense`` (``units``), convolution (``filters``) and recurrent layer (``units``)
     gets ``max(1, round(width * size))``, except the layers that produce the model's outputs,
-    which keep their size so the student's outputs match the teacher's. Weights are freshly
-    initialised (seeded by ``seed``); ``model`` is not changed. Layers whose configuration
-    hard-codes a width elsewhere (a ``Reshape`` after a ``Dense``) may not fit the narrower
-    student: build such students by hand.
+    which keep their size so the student's outputs match the teacher's (of a multi-task merge,
+    ``keep_outputs=True``, only its new output, the one :func:`kmerge.distill` teaches
+    through). Weights are freshly initialised (seeded by ``seed``); ``model`` is not changed.
+    Layers whose configuration hard-codes a width elsewhere (a ``Reshape`` after a ``Dense``)
+    may not fit the narrower student: build such students by hand.
 
     Args:
         model: A Functional or Sequential model.
@@ -45,6 +47,7 @@ def like(model: keras.Model, width: float = 0.5, *, seed: int | None = None,
             "build the student by hand for subclassed models"
         )
     # a student wider than 16x its teacher is a mistake (and would exhaust memory), not a student
+    model = task_model(model)  # a multi-task merge: a student of its new output
     width = number(width, "width", low=0.0, low_open=True, high=16.0)
     seed = integer(seed, "seed", low=0, optional=True)
     outputs = {id(_keras.history(t)[0]) for t in model.outputs}

@@ -17,7 +17,7 @@ from kmerge.errors import IncompatibleModelsError, InvalidArgumentError
 from kmerge.graph import adapters as _adapters
 from kmerge.graph.rebuild import Rebuilt, check_model, input_specs, rebuild
 from kmerge.graph.replay import tensor_ref, walk
-from kmerge.metadata import attach, derivation, own_path
+from kmerge.metadata import attach, derivation, meta_of, own_path
 from kmerge.verification import verify as check
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -106,8 +106,6 @@ def check_keep_outputs(keep_outputs: Any, frozen: set[str], names: Iterable[str]
 def task_output(model: keras.Model) -> int:
     """The position in ``model.outputs`` of the output a task is trained and scored on: the
     new output of a multi-task merge (``keep_outputs=True``), else the first."""
-    from kmerge.metadata import meta_of
-
     new = ((meta_of(model) or {}).get("keep_outputs") or {}).get("new")
     if new is None:
         return 0
@@ -115,6 +113,15 @@ def task_output(model: keras.Model) -> int:
     if not isinstance(named, Mapping) or new not in named:
         return 0
     return [id(t) for t in model.outputs].index(id(named[new]))
+
+
+def task_model(model: keras.Model) -> keras.Model:
+    """``model`` itself, or for a multi-task merge (``keep_outputs=True``) a view of it with
+    only its new output (:func:`task_output`): the same layers and variables, nothing copied.
+    What a consumer of one output sees (a distillation teacher, a student's template)."""
+    if len(model.outputs) < 2 or not (meta_of(model) or {}).get("keep_outputs"):
+        return model
+    return keras.Model(model.inputs, model.outputs[task_output(model)], name=model.name)
 
 
 def shape_of(t) -> tuple:
