@@ -47,7 +47,9 @@ def _arrays(model: keras.Model) -> dict[int, np.ndarray]:
     return {id(v): np.array(keras.ops.convert_to_numpy(v.value), copy=True) for v in model.weights}
 
 
-def _model_with(model: keras.Model, arrays: dict[int, np.ndarray]) -> keras.Model:
+def model_with(model: keras.Model, arrays: dict[int, np.ndarray]) -> keras.Model:
+    """A copy of ``model`` (``keras.models.clone_model``) whose variables hold ``arrays``
+    (``{id(variable of model): array}``, one per variable); ``model`` is not changed."""
     new = keras.models.clone_model(model)
     if len(new.weights) != len(model.weights):
         raise InvalidModelError(
@@ -85,7 +87,7 @@ def random_permute(model: keras.Model, *, seed: int = 0) -> keras.Model:
     spec = _spec_for(check_model(model, model.name), model.name)
     rng = np.random.default_rng(seed)
     perms = {g: rng.permutation(spec.groups[g].size) for g in spec.active()}
-    new = _model_with(model, permuted(spec, _arrays(model), perms))
+    new = model_with(model, permuted(spec, _arrays(model), perms))
     attach(new, {"kind": "random_permute", **derivation(model),
                                              "perms": [perms[g].tolist() for g in perms]})
     return new
@@ -195,7 +197,7 @@ def align(
                                              max_iter=max_iter, seed=seed)
     else:
         perms, iterations = activation_matching(spec, ref_spec.walk, data, batch_size), 1
-    new = _model_with(other, permuted(spec, other_arrays, perms))
+    new = model_with(other, permuted(spec, other_arrays, perms))
     attach(new, {
         "kind": "align",
         **derivation(other, reference),

@@ -119,7 +119,9 @@ def _checked_data(model, x, y) -> tuple[Any, Any]:
     return (xs[0] if len(xs) == 1 else xs), y
 
 
-def _accuracy(model, x, y, p: np.ndarray | None = None) -> float:
+def accuracy(model, x, y, p: np.ndarray | None = None) -> float:
+    """``model``'s accuracy on ``(x, y)`` (``p``: its predictions, when already computed);
+    integer or one-hot labels, one sigmoid unit or a softmax."""
     p = predict_numpy(model, x) if p is None else p
     y = np.asarray(y)
     truth = y.argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(-1)
@@ -619,8 +621,8 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         worst = max(drift, key=lambda k: max(drift[k]))
         meta["max_drift"] = {"variable": worst, "value": max(drift[worst])}
     if y is not None:
-        accs = meta.get("accuracy_sources") or [_accuracy(m, x, y) for m in loaded]
-        result = _accuracy(merged_model, x, y, merged_out)
+        accs = meta.get("accuracy_sources") or [accuracy(m, x, y) for m in loaded]
+        result = accuracy(merged_model, x, y, merged_out)
         meta["accuracy"] = {"sources": accs, "merged": result}
         worst_src = min(accs)
         if result < COLLAPSE_RATIO * worst_src:
@@ -654,7 +656,7 @@ def _greedy_soup(models, sources, paths, mask, probe, x, y, meta) -> list[np.nda
     """Greedy soup (Wortsman et al., 2022): rank by held-out accuracy, add a model only if
     the uniform average of the soup so far plus that model is strictly more accurate."""
     linear = merge_methods.get("linear")
-    accs = [_accuracy(m, x, y) for m in models]
+    accs = [accuracy(m, x, y) for m in models]
     order = sorted(range(len(models)), key=lambda i: -accs[i])
     soup = [order[0]]
     best = accs[order[0]]
@@ -670,7 +672,7 @@ def _greedy_soup(models, sources, paths, mask, probe, x, y, meta) -> list[np.nda
     for i in order[1:]:
         cand = average(soup + [i])
         _assign(probe, cand)
-        acc = _accuracy(probe, x, y)
+        acc = accuracy(probe, x, y)
         accepted = acc > best and math.isfinite(acc)
         trace.append({"model": i, "accuracy": acc, "accepted": accepted})
         if accepted:

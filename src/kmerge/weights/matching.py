@@ -133,10 +133,11 @@ def run_taps(sub: keras.Model, data: Any, batch_size: int):
         yield [np.asarray(o) for o in (out if isinstance(out, list | tuple) else [out])]
 
 
-_TIE_BREAK = 1e-3  # weight of pre-activation correlations in activation matching
+TIE_BREAK = 1e-3  # weight of pre-activation correlations in activation matching
 
 
-def _has_activation(layer) -> bool:
+def has_activation(layer) -> bool:
+    """Whether ``layer`` applies a non-linear activation after its affine part."""
     act = getattr(layer, "activation", None)
     return act is not None and getattr(act, "__name__", "linear") != "linear"
 
@@ -165,11 +166,11 @@ def activation_matching(spec: Spec, ref_walk: SpecWalk, data: Any, batch_size: i
                 taps.append((n, j, "out"))
                 where.append((g, pos))
                 scale.append(1.0)
-                if creates_units(layer) and _has_activation(layer) and type(layer).__name__ != \
+                if creates_units(layer) and has_activation(layer) and type(layer).__name__ != \
                         "Embedding":
                     taps.append((n, j, "pre"))
                     where.append((g, pos))
-                    scale.append(_TIE_BREAK)
+                    scale.append(TIE_BREAK)
     if not taps:
         return {}
     sub_a, _ = tap_model(ref_walk, taps)

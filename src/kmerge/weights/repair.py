@@ -36,7 +36,7 @@ METHODS = ("bn", "repair")
 __all__ = ["repair", "METHODS"]
 
 # Layers REPAIR rescales: (kernel attribute, output channel axis of that kernel).
-_REPAIRABLE = {
+REPAIRABLE = {
     "Dense": "kernel",
     "Conv1D": "kernel",
     "Conv2D": "kernel",
@@ -132,8 +132,8 @@ def _reset_bn(merged: keras.Model, walk: SpecWalk, data: Any, batch_size: int) -
     return [walk.names[li] for li in bn_layers]
 
 
-def _pre_stats(walk: SpecWalk, targets: list[int], data: Any, batch_size: int
-               ) -> dict[int, _Moments]:
+def pre_stats(walk: SpecWalk, targets: list[int], data: Any, batch_size: int
+              ) -> dict[int, _Moments]:
     """Per-channel moments of each target layer's pre-activation (all of its calls)."""
     taps = [(n, node.layer) for n, node in enumerate(walk.nodes) if node.layer in targets]
     sub, _ = tap_model(walk, [(n, 0, "pre") for n, _ in taps])
@@ -150,7 +150,7 @@ def _repair(merged: keras.Model, walk: SpecWalk, sources: list[keras.Model],
     targets: list[int] = []
     for node in walk.nodes:
         layer = walk.layers[node.layer]
-        if type(layer).__name__ in _REPAIRABLE and not any(t in side for t in node.outputs) \
+        if type(layer).__name__ in REPAIRABLE and not any(t in side for t in node.outputs) \
                 and node.layer not in targets:
             if getattr(layer, "data_format", "channels_last") == "channels_first":
                 continue
@@ -160,7 +160,7 @@ def _repair(merged: keras.Model, walk: SpecWalk, sources: list[keras.Model],
             f"model {merged.name!r} has no hidden Dense/Conv/SeparableConv layer for REPAIR "
             "to rescale (the output layer is left alone)"
         )
-    source_stats = [_pre_stats(spec_walk(s), targets, data, batch_size) for s in sources]
+    source_stats = [pre_stats(spec_walk(s), targets, data, batch_size) for s in sources]
     taps = [(n, node.layer) for n, node in enumerate(walk.nodes) if node.layer in targets]
     sub, rb = tap_model(walk, [(n, 0, "pre") for n, _ in taps])
     done = []
@@ -187,7 +187,7 @@ def _repair(merged: keras.Model, walk: SpecWalk, sources: list[keras.Model],
 def rescale(layer, scale: np.ndarray, mean_now: np.ndarray, mean_target: np.ndarray) -> None:
     """REPAIR's update of one layer: per output channel, the kernel is multiplied by ``scale``
     and the bias moved so a pre-activation of mean ``mean_now`` gets ``mean_target``."""
-    kernel = getattr(layer, _REPAIRABLE[type(layer).__name__])
+    kernel = getattr(layer, REPAIRABLE[type(layer).__name__])
     k = np.asarray(keras.ops.convert_to_numpy(kernel.value), np.float64)
     dtype = keras.backend.standardize_dtype(kernel.dtype)
     kernel.assign((k * scale).astype(dtype))

@@ -39,7 +39,7 @@ from kmerge.errors import IncompatibleModelsError, InvalidArgumentError, Invalid
 from kmerge.graph import replay
 from kmerge.graph.rebuild import Copier, check_model, input_specs, is_graph_model
 from kmerge.metadata import attach, derivation
-from kmerge.weights.matching import _TIE_BREAK, _has_activation, run_taps, tap_model
+from kmerge.weights.matching import TIE_BREAK, has_activation, run_taps, tap_model
 from kmerge.weights.spec import (
     Axis,
     Spec,
@@ -282,9 +282,9 @@ def _correlations(plan: _Plan, models: list[keras.Model], groups: list[int], dat
                 if not len(pos):
                     continue
                 kinds = [("out", 1.0)]
-                if creates_units(layer) and _has_activation(layer) and \
+                if creates_units(layer) and has_activation(layer) and \
                         type(layer).__name__ != "Embedding":
-                    kinds.append(("pre", _TIE_BREAK))
+                    kinds.append(("pre", TIE_BREAK))
                 for kind, w in kinds:
                     taps.append((k, j, kind))
                     where.append((g, pos))
@@ -392,11 +392,11 @@ def _assign(layer: Any, values: list[np.ndarray]) -> None:
 
 
 def _whole(model: keras.Model, arrays: dict[int, np.ndarray]) -> keras.Model:
-    from kmerge.weights.align import _model_with
+    from kmerge.weights.align import model_with
 
     full = {id(v): arrays.get(id(v), np.array(keras.ops.convert_to_numpy(v.value)))
             for v in model.weights}
-    return _model_with(model, full)
+    return model_with(model, full)
 
 
 def _assemble(plan: _Plan, models: list[keras.Model], names: list[str],
@@ -489,9 +489,9 @@ def _rescale(mwalk: SpecWalk, li: int, mean_t: np.ndarray, std_t: np.ndarray, da
              batch_size: int) -> dict:
     """Give layer ``li`` of the merged model the pre-activation mean ``mean_t`` and std
     ``std_t`` per channel, through its kernel and bias (REPAIR's update)."""
-    from kmerge.weights.repair import _pre_stats, rescale
+    from kmerge.weights.repair import pre_stats, rescale
 
-    mine = _pre_stats(mwalk, [li], data, batch_size)[li]
+    mine = pre_stats(mwalk, [li], data, batch_size)[li]
     scale = std_t / np.maximum(np.sqrt(mine.var), 1e-8)
     rescale(mwalk.layers[li], scale, mine.mean, mean_t)
     return {"layer": mwalk.names[li], "channels": int(len(scale)),
@@ -504,20 +504,20 @@ def _zip_repair(merged: keras.Model, plan: _Plan, merges: dict[int, np.ndarray],
     """REPAIR of a zip, in graph order. Each hidden trunk Dense/Conv pre-activation channel
     gets the mean and std of the source features merged into it (``M @ [mu_0; mu_1]``, same
     for std); then each branch's first Dense/Conv gets its own source's statistics back."""
-    from kmerge.weights.repair import _REPAIRABLE, _pre_stats
+    from kmerge.weights.repair import REPAIRABLE, pre_stats
 
     ref, spec = plan.walks[0], plan.spec
     side = _output_side(ref)
     targets = []
     for k, node in enumerate(spec.walk.nodes):
         layer = ref.layers[node.layer]
-        if type(layer).__name__ in _REPAIRABLE and k not in side and node.layer not in targets \
+        if type(layer).__name__ in REPAIRABLE and k not in side and node.layer not in targets \
                 and getattr(layer, "data_format", "channels_last") != "channels_first":
             targets.append(node.layer)
     mwalk = spec_walk(merged)
     by_name = {mwalk.names[i]: i for i in range(len(mwalk.layers))}
     done = []
-    source_stats = [_pre_stats(w, targets, data, batch_size) for w in plan.walks] \
+    source_stats = [pre_stats(w, targets, data, batch_size) for w in plan.walks] \
         if targets else []
     sizes = {g: spec.groups[g].size for g in merges}
     for li in targets:
@@ -535,9 +535,9 @@ def _zip_repair(merged: keras.Model, plan: _Plan, merges: dict[int, np.ndarray],
             done.append(_rescale(mwalk, mli, mean_t, std_t, data, batch_size))
     for i, li, copy in entries:
         layer = plan.walks[i].layers[li]
-        if type(layer).__name__ not in _REPAIRABLE or copy not in by_name:
+        if type(layer).__name__ not in REPAIRABLE or copy not in by_name:
             continue
-        own = _pre_stats(plan.walks[i], [li], data, batch_size)[li]
+        own = pre_stats(plan.walks[i], [li], data, batch_size)[li]
         done.append(_rescale(mwalk, by_name[copy], own.mean, np.sqrt(own.var), data,
                              batch_size))
     return done
@@ -700,7 +700,7 @@ ZIP_PARAMS = ("alpha", "beta", "heads")
 
 
 def _accuracy(model: keras.Model, x: Any, y: Any) -> float:
-    from kmerge.weights.apply import _accuracy as accuracy
+    from kmerge.weights.apply import accuracy
 
     return accuracy(model, x, y)
 
