@@ -288,9 +288,9 @@ def test_list_prints_each_name_with_its_description(capsys):
 def test_every_command_help_has_a_description_described_arguments_and_examples():
     import argparse
 
-    from kmerge.cli import _parser
+    from kmerge.cli import build_parser
 
-    parser = _parser()
+    parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) >= {"parallel", "fuse", "sequential", "weights", "run", "list"}
     for name, sp in sub.choices.items():

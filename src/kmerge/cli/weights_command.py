@@ -1,0 +1,96 @@
+"""``kmerge weights``: a weight-space merge, streamed tensor by tensor from the files when
+the method and options allow, else of the loaded models."""
+
+from __future__ import annotations
+
+from kmerge.cli.common import (
+    check_output,
+    check_sources,
+    evaluate,
+    load_data,
+    load_one,
+    model_arg,
+    one_line,
+    parse_params,
+    parse_weights,
+    source_names,
+    warn,
+)
+from kmerge.errors import InvalidArgumentError
+
+
+def _stream_plan(args) -> tuple[bool, str | None]:
+    """Whether ``kmerge weights`` streams (``merge_weights_files``: tensor by tensor from
+    the files, the models never loaded), and why not when the files could stream but the
+    options need the live models (None: the inputs are not streamable files at all)."""
+    from kmerge.weights.stream import NOT_STREAMABLE, STREAMABLE_SUFFIXES
+
+    files = [*args.models, *([args.base] if args.base else [])]
+    kinds = set()
+    for text in files:
+        path, weights = model_arg(text)
+        kind = next((k for k in STREAMABLE_SUFFIXES if path.lower().endswith(k)), None)
+        if weights is not None or kind is None:
+            return False, None
+        kinds.add(kind)
+    if len(kinds) != 1 or not args.output.lower().endswith(next(iter(kinds))):
+        return False, None
+    needs = [why for cond, why in [
+        (args.method in NOT_STREAMABLE, f"method {args.method} runs the models on data"),
+        (args.align is not None, "--align permutes the loaded models"),
+        (args.repair is not None, "--repair runs the merged model on data")] if cond]
+    return (not needs), ("; ".join(needs) or None)
+
+
+def _weights(args, echo) -> int:
+    import warnings
+
+    import kmerge
+
+    params = parse_params(args.param, args.method)
+    flags = {"data": "--data", "repair": "--repair", "align": "--align", "base": "--base",
+             "weights": "--weights", "method": "--method"}
+    for key in params.keys() & flags.keys():  # merge_weights' own arguments, not the method's
+        raise InvalidArgumentError(f"--param {key}=...: {key!r} is not a parameter of method "
+                                   f"{args.method!r}; use {flags[key]}")
+    weights = parse_weights(args.weights)
+    check_output(args.output, args.overwrite, [*args.models, *([args.base] if args.base else [])])
+    check_sources([*args.models, *([args.base] if args.base else [])])
+    stream, why_not = _stream_plan(args)
+    data = load_data(args, echo)
+    sources = source_names(args.models)
+    if stream:
+        from kmerge.weights import merge_weights_files
+
+        echo(f"streaming: {args.method} merge tensor by tensor from the files, without "
+             "loading the models")
+        out = merge_weights_files(args.models, args.output, method=args.method,
+                                  base=args.base, weights=weights, overwrite=args.overwrite,
+                                  **params)
+        if data is not None:  # the evaluation loads the result and the sources
+            evaluate(load_one(str(out)), {n: load_one(p) for n, p in sources.items()}, data,
+                      "merged")
+        echo(f"saved {out}")
+        return 0
+    if why_not:
+        echo(f"not streaming (the models are loaded): {why_not}")
+    models = {n: load_one(p) for n, p in sources.items()}
+    base = load_one(args.base) if args.base else None
+    train = (data.x_train, data.y_train) if data is not None else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = kmerge.merge_weights(list(models.values()), method=args.method, base=base,
+                                 weights=weights, align=args.align, repair=args.repair,
+                                 data=train, **params)
+    for w in caught:  # kmerge's own warnings (a collapsed merge) as warning lines
+        if type(w.message).__module__.startswith("kmerge"):
+            warn(one_line(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if data is not None:
+        evaluate(m, models, data, "merged")
+    echo(f"saved {kmerge.save(m, args.output, overwrite=args.overwrite)}")
+    return 0
+
+
+COMMANDS = {"weights": _weights}
