@@ -184,3 +184,22 @@ def test_an_unknown_final_is_refused_before_any_work(tmp_path, trained):
     with pytest.raises(RecipeError, match="final='nope'.*'a', 'b', 'merged'"):
         run(recipe, echo=lines.append, report=tmp_path / "rep", final="nope")
     assert lines == [] and not (tmp_path / "rep").exists()
+
+
+def test_cli_final_chooses_the_report_model_and_is_checked_first(tmp_path, trained, capsys):
+    """``kmerge run --report DIR --final NAME`` through ``main``: the report is about NAME;
+    an unknown name, or --final without --report, is one error line and nothing written."""
+    from kmerge.cli import main
+
+    a, b = trained
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE.format(a=a, b=b, seed=0).replace("epochs: 2", "epochs: 1"))
+    rep = tmp_path / "rep"
+    assert main(["run", str(path), "--report", str(rep), "--final", "nope", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: final='nope' names no model") and "'merged'" in err
+    assert not rep.exists()
+    assert main(["run", str(path), "--final", "a", "-q"]) == 1
+    assert "pass --report DIR as well" in capsys.readouterr().err
+    assert main(["run", str(path), "--report", str(rep), "--final", "a", "-q"]) == 0
+    assert json.loads((rep / "report.json").read_text())["final"] == "a"

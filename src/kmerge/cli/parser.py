@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
             train, verify, evaluate, save). Everything is checked before any work, and outputs
             appear only when every step succeeded: a failed run writes nothing.""", """
             kmerge run examples/parallel.yaml
-            kmerge run examples/parallel.yaml -o out --report out/report -q"""),
+            kmerge run examples/parallel.yaml -o out --report out/report -q
+            kmerge run examples/parallel.yaml --report out/report --final a"""),
         "validate": ("check a recipe, load nothing", """
             Check a whole recipe without loading a model or importing Keras: keys, names,
             references, combine ops, methods and their parameters, files, and every output the
@@ -314,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "recipe's paths")
             r.add_argument("--report", metavar="DIR",
                            help="write report.md, figures and report.json here (needs data:)")
+        if name == "run":
+            r.add_argument("--final", metavar="NAME",
+                           help="the model the report is about: a source or a step's name "
+                                "(default: the model of the last step that builds one; needs "
+                                "--report)")
 
     ver = command("verify", "check a saved merge against its source files", """
         Check that a saved merge reproduces its frozen sources bit-exactly on probe inputs.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from kmerge.cli.common import warn
+from kmerge.errors import InvalidArgumentError
 
 
 def _validate(args, echo) -> int:
@@ -66,9 +67,13 @@ def _run(args, echo) -> int:
     from kmerge.recipe import load_recipe
     from kmerge.runner import run
 
+    if args.final and not args.report:
+        raise InvalidArgumentError(f"--final {args.final} chooses the model a report is about; "
+                                   "pass --report DIR as well")
     recipe = load_recipe(args.recipe)
-    # run() checks every output (and --report's need for data) before any work
-    run(recipe, echo=echo, out=args.output_dir, report=args.report, warn=warn, show=print)
+    # run() checks every output, --report's need for data and --final before any work
+    run(recipe, echo=echo, out=args.output_dir, report=args.report, warn=warn, show=print,
+        final=args.final)
     return 0
 
 
