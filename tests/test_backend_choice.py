@@ -72,3 +72,46 @@ def test_choose_backend_rules(monkeypatch, tmp_path):
     monkeypatch.setattr(_backend, "_installed", lambda name: True)
     assert _backend.choose_backend(notes.append) == "tensorflow" and len(notes) == 1
     assert _backend.configured_backend() == ("tensorflow", str(Path(tmp_path) / "keras.json"))
+
+
+_FAKE_TF = """\
+import os
+os.write(2, b"I0000 native log line while loading\\n")
+{tail}
+"""
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_import_quietly_silences_native_lines_and_keeps_errors(tmp_path, fails):
+    """A stand-in ``tensorflow`` that writes to file descriptor 2 while it loads: nothing of
+    it reaches stderr, stderr works afterwards, and an import error still shows."""
+    (tmp_path / "tensorflow.py").write_text(_FAKE_TF.format(
+        tail="raise ImportError('broken install')" if fails else ""))
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); "
+            "from kmerge._backend import import_quietly; import_quietly('jax'); "
+            "assert 'tensorflow' not in sys.modules; import_quietly('tensorflow'); "
+            "os.write(2, b'after\\n')")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert "native log line" not in out.stderr
+    if fails:
+        assert out.returncode == 1 and "ImportError: broken install" in out.stderr
+    else:
+        assert out.returncode == 0 and out.stderr == "after\n"
+
+
+def test_cli_on_tensorflow_prints_no_native_log_lines(tmp_path):
+    if os.environ.get("KERAS_BACKEND") != "tensorflow":
+        pytest.skip("the tensorflow suite runs it (importing TensorFlow costs seconds)")
+    from conftest import mlp
+
+    import kmerge
+
+    path = kmerge.save(mlp(), tmp_path / "m.keras")
+    env = _env(tmp_path, keras_backend="tensorflow")
+    env.pop("TF_CPP_MIN_LOG_LEVEL")
+    out = _run(["inspect", str(path)], env)
+    assert out.returncode == 0 and "Dense" in out.stdout
+    assert out.stderr == "", out.stderr
+    debug = _run(["--debug", "inspect", str(path)], env)  # --debug keeps them
+    assert debug.returncode == 0

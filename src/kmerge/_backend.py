@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kmerge.errors import KmergeError
 
-__all__ = ["BACKENDS", "choose_backend", "configured_backend"]
+__all__ = ["BACKENDS", "choose_backend", "configured_backend", "import_quietly"]
 
 #: Backend name -> the module it needs, in the order kmerge prefers them.
 BACKENDS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
@@ -80,3 +80,32 @@ def choose_backend(note=lambda text: print(text, file=sys.stderr)) -> str | None
     raise KmergeError(
         f"no Keras backend is installed (Keras is set to '{backend}' in {where}); install one: "
         "pip install 'kmerge[jax]' (or [tensorflow] / [torch])")
+
+
+def import_quietly(backend: str | None) -> None:
+    """Import TensorFlow (``backend == "tensorflow"``) with the process's stderr (file
+    descriptor 2) pointed at ``/dev/null``; other backends: nothing is done.
+
+    TensorFlow's C++ libraries write log lines while they load (absl's ``WARNING: All log
+    messages before absl::InitializeLog() is called ...``, oneDNN's and the CPU feature guard's
+    ``I0000`` notes) that ``TF_CPP_MIN_LOG_LEVEL`` does not silence: four lines before every
+    command's output that are not kmerge's and that no user action clears. The command line
+    calls this before Keras is imported (not ``--debug``); an import error still raises, after
+    stderr is back."""
+    if backend != "tensorflow" or "tensorflow" in sys.modules:
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr (embedded): import as is
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
