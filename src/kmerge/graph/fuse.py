@@ -153,8 +153,10 @@ def fuse(
             the models alone, a list or ``{name: model}``.
         taps: ``"auto"``: :func:`kmerge.probe` ranks every layer of every model on
             ``data`` and the best combination is fused (the probe's table is recorded in
-            ``kmerge.info(m)["probe"]`` and in reports); a :class:`kmerge.ProbeResult` (its
-            best combination); or ``{name: ref or [refs]}``.
+            ``kmerge.info(m)["probe"]`` and in reports; the probe's options are its defaults,
+            ``seed=0``); a :class:`kmerge.ProbeResult` (its best combination: another seed or
+            other probe options, ``taps=kmerge.probe(models, x, y, seed=3)``); or
+            ``{name: ref or [refs]}``.
         data: ``(x, y)`` for ``taps="auto"``: x as for :func:`kmerge.probe` (one input for
             all, or ``{name: x}``), y labels or targets.
         combine: How to fuse the aligned features (see :func:`kmerge.parallel`).
