@@ -264,7 +264,7 @@ def test_distill_and_students_use_the_new_output(label_sets, digits):
     np.testing.assert_allclose(teacher_logits([view], x), np.log(np.clip(head, 1e-12, 1)),
                                rtol=1e-6, atol=1e-6)
     students = []
-    for teacher in (m, keras.Model(m.inputs, m.output["head"])):
+    for teacher in (m, keras.Model(m.inputs[0], m.output["head"])):
         # width 1: like() scales hidden layers, and the sources' outputs are hidden in a view
         # of the head alone (a 5-class softmax scaled to 1 unit would not build)
         student = kmerge.students.like(m, width=1.0, seed=3)

@@ -121,7 +121,9 @@ def task_model(model: keras.Model) -> keras.Model:
     What a consumer of one output sees (a distillation teacher, a student's template)."""
     if len(model.outputs) < 2 or not (meta_of(model) or {}).get("keep_outputs"):
         return model
-    return keras.Model(model.inputs, model.outputs[task_output(model)], name=model.name)
+    # one input: the bare tensor, so the view is called with an array as the merge is
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.input
+    return keras.Model(inputs, model.outputs[task_output(model)], name=model.name)
 
 
 def shape_of(t) -> tuple:
