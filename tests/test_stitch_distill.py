@@ -172,3 +172,21 @@ def test_students_like_scales_hidden_widths_only():
     assert kmerge.students.count_flops(student) <= kmerge.students.count_flops(teacher) / 2
     assert same_weights([np.array(w) for w in teacher.get_weights()],
                         [np.array(w) for w in convnet(0, width=8).get_weights()])
+
+
+def test_students_like_a_merge_keeps_its_sources_output_sizes():
+    """A parallel merge's sources end in 3-class softmax layers that its head reads: a student
+    like the merge scales their hidden layers and the head's, never those class counts (a
+    3-class softmax at width 0.25 would have been 1 unit, always 1.0)."""
+    from conftest import mlp
+
+    a, b = mlp(seed=0), mlp(seed=1)
+    merged = kmerge.parallel({"a": a, "b": b}, head=kmerge.heads.classifier(3, hidden=[8]))
+    student = kmerge.students.like(merged, width=0.25, seed=0)
+    units = {layer.name: getattr(layer, "units", None) for layer in student.layers}
+    outs = [out[0] for src in kmerge.info(merged)["sources"].values() for out in src["outputs"]]
+    assert outs and all(units[name] == 3 for name in outs)
+    hidden = [n for n, u in units.items() if u is not None and n not in outs]
+    assert {units[n] for n in hidden} == {4, 2, 3}  # sources' 16 -> 4, head's 8 -> 2, out 3
+    out = student(np.random.default_rng(0).normal(size=(4, 8)).astype("float32"))
+    assert out.shape == (4, 3)

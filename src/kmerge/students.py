@@ -12,6 +12,7 @@ from kmerge.arguments import integer, number
 from kmerge.errors import InvalidModelError
 from kmerge.graph.build import task_model
 from kmerge.graph.rebuild import is_graph_model
+from kmerge.metadata import meta_of
 
 __all__ = ["like", "count_flops"]
 
@@ -24,7 +25,8 @@ def like(model: keras.Model, width: float = 0.5, *, seed: int | None = None,
 
     Every ``Dense`` (``units``), convolution (``filters``) and recurrent layer (``units``)
     gets ``max(1, round(width * size))``, except the layers that produce the model's outputs,
-    which keep their size so the student's outputs match the teacher's (of a multi-task merge,
+    and, in a merge kmerge built, the layers that produce each source's output, which keep their
+    size so the student's outputs match the teacher's (of a multi-task merge,
     ``keep_outputs=True``, only its new output, the one :func:`kmerge.distill` teaches
     through). Weights are freshly initialised (seeded by ``seed``); ``model`` is not changed.
     Layers whose configuration hard-codes a width elsewhere (a ``Reshape`` after a ``Dense``)
@@ -47,6 +49,10 @@ def like(model: keras.Model, width: float = 0.5, *, seed: int | None = None,
             "build the student by hand for subclassed models"
         )
     # a student wider than 16x its teacher is a mistake (and would exhaust memory), not a student
+    # a kmerge merge: its sources' output layers keep their size too (a class count that the
+    # merge's combine and head were built on, e.g. a 3-class softmax, not a hidden width)
+    sources = (meta_of(model) or {}).get("sources", {})
+    kept = {out[0] for src in sources.values() for out in src.get("outputs", [])}
     model = task_model(model)  # a multi-task merge: a student of its new output
     width = number(width, "width", low=0.0, low_open=True, high=16.0)
     seed = integer(seed, "seed", low=0, optional=True)
@@ -54,7 +60,7 @@ def like(model: keras.Model, width: float = 0.5, *, seed: int | None = None,
 
     def scaled(layer: keras.layers.Layer) -> keras.layers.Layer:
         config = layer.get_config()
-        if id(layer) not in outputs:
+        if id(layer) not in outputs and layer.name not in kept:
             for key in _WIDTH_KEYS:
                 value = config.get(key)
                 if isinstance(value, int) and not isinstance(value, bool):
