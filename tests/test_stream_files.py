@@ -281,3 +281,70 @@ def test_recipe_weights_step_streams_without_loading_its_sources(files, loaded, 
                                   base=loaded["base"], p=0.5, seed=1,
                                   params={".*kernel": {"scale": 0.5}})
     _bitwise(_stored(tmp_path / "soup.keras"), weights_of(memory))
+
+
+@pytest.fixture(scope="module")
+def digit_files(digits, tmp_path_factory):
+    """a.keras (an MLP trained on digits), same.keras (a copy), permuted.keras (a with its
+    hidden units shuffled and rescaled: the same function, weights that do not average),
+    huge.keras (a with kernels x1e30: finite weights, non-finite outputs), and .weights.h5 of
+    a and same."""
+    x, y = digits[0], digits[1]
+    keras.utils.set_random_seed(0)
+    a = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                          keras.layers.Dense(32, activation="relu"),
+                          keras.layers.Dense(10, activation="softmax")])
+    a.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    a.fit(x, y, epochs=5, batch_size=32, verbose=0)
+    d = tmp_path_factory.mktemp("digit_files")
+    a.save(d / "a.keras")
+    shutil.copy(d / "a.keras", d / "same.keras")
+    a.save_weights(d / "a.weights.h5")
+    a.save_weights(d / "same.weights.h5")
+    k1, b1, k2, b2 = a.get_weights()
+    order = np.random.default_rng(0).permutation(32)
+    # ReLU units permuted, and scaled by 10 in and 1/10 out: the same function
+    a.set_weights([10 * k1[:, order], 10 * b1[order], k2[order] / 10, b2])
+    a.save(d / "permuted.keras")
+    a.set_weights([k1 * 1e30, b1, k2 * 1e30, b2])
+    a.save(d / "huge.keras")
+    return d
+
+
+def test_cli_stream_with_data_checks_scores_and_records_like_a_merge_in_memory(digit_files,
+                                                                              tmp_path):
+    """``--data`` on a streamed merge: the result is checked (forward pass, collapse) and
+    scored before it is saved, and the file records the accuracies beside the stream's own
+    records, as ``merge_weights(data=...)`` does in memory."""
+    d = digit_files
+    out = tmp_path / "soup.keras"
+    code, stdout, stderr = _cli(["weights", str(d / "a.keras"), str(d / "same.keras"), "-o",
+                                 str(out), "--method", "linear", "--data", "digits"])
+    assert code == 0, stderr
+    assert "streaming: linear merge" in stdout and "merged" in stdout and stderr == ""
+    info = kmerge.info(kmerge.load(out))
+    assert info["streamed"] is True and "drift" in info and info["probe"]["finite"]
+    acc = info["accuracy"]
+    assert acc["merged"] == acc["sources"][0] == acc["sources"][1] > 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["soup.keras"]  # no temporary left
+
+    out = tmp_path / "collapsed.keras"
+    code, stdout, stderr = _cli(["weights", str(d / "a.keras"), str(d / "permuted.keras"), "-o",
+                                 str(out), "--method", "linear", "--data", "digits"])
+    assert code == 0, stderr
+    assert stderr.startswith("warning: the linear merge collapsed: accuracy"), stderr
+    acc = kmerge.info(kmerge.load(out))["accuracy"]
+    assert acc["sources"][0] == acc["sources"][1] and acc["merged"] < 0.75 * acc["sources"][0]
+
+
+def test_cli_stream_with_data_writes_nothing_when_a_check_fails(digit_files, tmp_path):
+    d = digit_files
+    out = tmp_path / "nan.keras"
+    code, stdout, stderr = _cli(["weights", str(d / "a.keras"), str(d / "huge.keras"), "-o",
+                                 str(out), "--method", "linear", "--data", "digits"])
+    assert code == 1 and "NaN/Inf outputs" in stderr, stderr
+    code, stdout, stderr = _cli(["weights", str(d / "a.weights.h5"), str(d / "same.weights.h5"),
+                                 "-o", str(tmp_path / "w.weights.h5"), "--method", "linear",
+                                 "--data", "digits"])
+    assert code == 1 and "holds weights only" in stderr, stderr
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,9 @@ the method and options allow, else of the loaded models."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 from kmerge.cli.common import (
     check_output,
     check_sources,
@@ -42,9 +45,60 @@ def _stream_plan(args) -> tuple[bool, str | None]:
     return (not needs), ("; ".join(needs) or None)
 
 
-def _weights(args, echo) -> int:
-    import warnings
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """kmerge's own warnings raised inside (a collapsed merge) as ``warning:`` lines; others
+    as they were."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if type(w.message).__module__.startswith("kmerge"):
+            warn(one_line(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
+
+def _stream_checked(args, data, weights, params: dict, sources: dict):
+    """The streamed merge written to a temporary file beside the output, loaded, checked
+    (:func:`kmerge.weights.apply.result_checks`: NaN/Inf outputs refused, a collapse warned),
+    scored, and saved with those records; nothing is left at the output when a check fails."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import kmerge
+    from kmerge.metadata import attach, meta_of
+    from kmerge.weights import merge_weights_files
+    from kmerge.weights.apply import result_checks
+
+    if args.output.lower().endswith(".weights.h5"):
+        raise InvalidArgumentError(
+            f"--data runs the merged model, but {args.output} (like its sources) holds weights "
+            "only, no architecture; merge .keras files to check and score the result, or drop "
+            "--data")
+    target = Path(args.output).expanduser()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".keras",
+                               dir=target.parent.resolve())
+    os.close(fd)
+    try:
+        merge_weights_files(args.models, tmp, method=args.method, base=args.base,
+                            weights=weights, overwrite=True, **params)
+        merged = load_one(tmp)
+        models = {n: load_one(p) for n, p in sources.items()}
+        with _warnings_as_lines():
+            checks = result_checks(merged, list(models.values()), list(models), args.method,
+                                   data.x_train, data.y_train)
+        # recorded in the file beside the stream's own records, as a merge in memory has them
+        attach(merged, {**(meta_of(merged) or {}), **checks})
+        out = kmerge.save(merged, args.output, overwrite=args.overwrite)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    evaluate(merged, models, data, "merged")
+    return out
+
+
+def _weights(args, echo) -> int:
     import kmerge
 
     params = parse_params(args.param, args.method)
@@ -64,12 +118,12 @@ def _weights(args, echo) -> int:
 
         echo(f"streaming: {args.method} merge tensor by tensor from the files, without "
              "loading the models")
-        out = merge_weights_files(args.models, args.output, method=args.method,
-                                  base=args.base, weights=weights, overwrite=args.overwrite,
-                                  **params)
-        if data is not None:  # the evaluation loads the result and the sources
-            evaluate(load_one(str(out)), {n: load_one(p) for n, p in sources.items()}, data,
-                      "merged")
+        if data is None:
+            out = merge_weights_files(args.models, args.output, method=args.method,
+                                      base=args.base, weights=weights,
+                                      overwrite=args.overwrite, **params)
+        else:  # checked and scored before it is saved, as a merge of the loaded models is
+            out = _stream_checked(args, data, weights, params, sources)
         echo(f"saved {out}")
         return 0
     if why_not:
@@ -77,16 +131,10 @@ def _weights(args, echo) -> int:
     models = {n: load_one(p) for n, p in sources.items()}
     base = load_one(args.base) if args.base else None
     train = (data.x_train, data.y_train) if data is not None else None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _warnings_as_lines():
         m = kmerge.merge_weights(list(models.values()), method=args.method, base=base,
                                  weights=weights, align=args.align, repair=args.repair,
                                  data=train, **params)
-    for w in caught:  # kmerge's own warnings (a collapsed merge) as warning lines
-        if type(w.message).__module__.startswith("kmerge"):
-            warn(one_line(w.message))
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if data is not None:
         evaluate(m, models, data, "merged")
     echo(f"saved {kmerge.save(m, args.output, overwrite=args.overwrite)}")

@@ -610,30 +610,42 @@ def merge_weights(models: Sequence[Any], *, method: str, base: Any = None,
         arrays = [to_numpy(v) for v in merged_model.weights]
         refuse_non_finite(arrays, paths, sources, names, f"repair={repair!r}")
 
-    # one forward pass: finite weights can still give NaN outputs
-    merged_out = predict_numpy(merged_model, x) if y is not None else None
-    meta["probe"] = check_outputs(merged_model, loaded, names, x, method,
-                                  None if merged_out is None else [merged_out])
-
     drift = _drift(arrays, sources, paths, mask)
     meta["drift"] = drift
     if drift:
         worst = max(drift, key=lambda k: max(drift[k]))
         meta["max_drift"] = {"variable": worst, "value": max(drift[worst])}
-    if y is not None:
-        accs = meta.get("accuracy_sources") or [accuracy(m, x, y) for m in loaded]
-        result = accuracy(merged_model, x, y, merged_out)
-        meta["accuracy"] = {"sources": accs, "merged": result}
-        worst_src = min(accs)
-        if result < COLLAPSE_RATIO * worst_src:
-            warnings.warn(
-                f"the {method} merge collapsed: accuracy {result:.3f} on data, while the worst "
-                f"source reaches {worst_src:.3f} (sources: {', '.join(f'{a:.3f}' for a in accs)})"
-                "; independently trained models need align='activations' (or 'weights') and "
-                "repair=..., fine-tunes need a shared base", MergeCollapseWarning, stacklevel=2)
-    meta.pop("accuracy_sources", None)
+    meta.update(result_checks(merged_model, loaded, names, method, x, y,
+                              sources_accuracy=meta.pop("accuracy_sources", None), stacklevel=3))
     attach(merged_model, meta)
     return merged_model
+
+
+def result_checks(merged, sources: list, names: list[str], method: str, x: Any, y: Any, *,
+                  sources_accuracy: list[float] | None = None, stacklevel: int = 2) -> dict:
+    """What a weight merge records about its result (``{"probe": ...}``, with labels also
+    ``{"accuracy": {"sources": [...], "merged": ...}}``): one compiled forward pass on a probe
+    batch (finite weights can still give NaN outputs: refused, naming the first layer), and
+    with ``y`` the accuracy of every source and of the merge on ``(x, y)``, warning
+    (:class:`MergeCollapseWarning`) when the merge falls below :data:`COLLAPSE_RATIO` times the
+    worst source. Used by :func:`merge_weights` and for merges streamed from files."""
+    merged_out = predict_numpy(merged, x) if y is not None else None
+    out: dict[str, Any] = {"probe": check_outputs(merged, sources, names, x, method,
+                                                  None if merged_out is None else [merged_out])}
+    if y is None:
+        return out
+    accs = sources_accuracy or [accuracy(m, x, y) for m in sources]
+    result = accuracy(merged, x, y, merged_out)
+    out["accuracy"] = {"sources": accs, "merged": result}
+    worst_src = min(accs)
+    if result < COLLAPSE_RATIO * worst_src:
+        warnings.warn(
+            f"the {method} merge collapsed: accuracy {result:.3f} on data, while the worst "
+            f"source reaches {worst_src:.3f} (sources: {', '.join(f'{a:.3f}' for a in accs)})"
+            "; independently trained models need align='activations' (or 'weights') and "
+            "repair=..., fine-tunes need a shared base", MergeCollapseWarning,
+            stacklevel=stacklevel)
+    return out
 
 
 def _fisher_normalised(weights: list[float], fishers: list[list[np.ndarray]],
