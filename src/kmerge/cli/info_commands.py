@@ -24,7 +24,7 @@ def _inspect(args, echo) -> int:
 
     if args.unsafe:
         warn(f"{args.model}: loading with safe_mode off (--unsafe): Lambda layers in it run "
-              "their Python code; only for files you trust")
+         "their Python code; only for files you trust")
     summary = summarize(load_one(args.model, safe_mode=not args.unsafe))
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary)
     return 0

@@ -107,7 +107,7 @@ def _finish(model, args, echo, sources: dict, data) -> int:
     saved = kmerge.save(model, args.output, overwrite=args.overwrite)
     if parts and data is None:
         warn(f"saved {saved} with untrained parts ({_short_list(parts)}): train them "
-              "before use (this command with --data, or kmerge.fit_head)")
+             "before use (this command with --data, or kmerge.fit_head)")
     else:
         echo(f"saved {saved}")
     return 0
