@@ -82,14 +82,17 @@ os.write(2, b"I0000 native log line while loading\\n")
 
 
 @pytest.mark.parametrize("fails", [False, True])
-def test_import_quietly_silences_native_lines_and_keeps_errors(tmp_path, fails):
+def test_quiet_tensorflow_import_silences_native_lines_and_keeps_errors(tmp_path, fails):
     """A stand-in ``tensorflow`` that writes to file descriptor 2 while it loads: nothing of
-    it reaches stderr, stderr works afterwards, and an import error still shows."""
+    it reaches stderr, stderr works afterwards, other imports are untouched, and an import
+    error still shows."""
     (tmp_path / "tensorflow.py").write_text(_FAKE_TF.format(
         tail="raise ImportError('broken install')" if fails else ""))
     code = ("import os, sys; sys.path.insert(0, sys.argv[1]); "
-            "from kmerge._backend import import_quietly; import_quietly('jax'); "
-            "assert 'tensorflow' not in sys.modules; import_quietly('tensorflow'); "
+            "from kmerge._backend import quiet_tensorflow_import; quiet_tensorflow_import(); "
+            "quiet_tensorflow_import(); import json, email.utils; "  # once; others untouched
+            "assert 'tensorflow' not in sys.modules; import tensorflow; "
+            "assert type(tensorflow.__loader__).__name__ == 'SourceFileLoader'; "
             "os.write(2, b'after\\n')")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                          text=True, timeout=60)
@@ -97,12 +100,16 @@ def test_import_quietly_silences_native_lines_and_keeps_errors(tmp_path, fails):
     if fails:
         assert out.returncode == 1 and "ImportError: broken install" in out.stderr
     else:
-        assert out.returncode == 0 and out.stderr == "after\n"
+        assert out.returncode == 0 and out.stderr == "after\n", out.stderr
+
+
+def _tensorflow_suite_only():
+    if os.environ.get("KERAS_BACKEND") != "tensorflow":
+        pytest.skip("the tensorflow suite runs it (importing TensorFlow costs seconds)")
 
 
 def test_cli_on_tensorflow_prints_no_native_log_lines(tmp_path):
-    if os.environ.get("KERAS_BACKEND") != "tensorflow":
-        pytest.skip("the tensorflow suite runs it (importing TensorFlow costs seconds)")
+    _tensorflow_suite_only()
     from conftest import mlp
 
     import kmerge
@@ -113,5 +120,20 @@ def test_cli_on_tensorflow_prints_no_native_log_lines(tmp_path):
     out = _run(["inspect", str(path)], env)
     assert out.returncode == 0 and "Dense" in out.stdout
     assert out.stderr == "", out.stderr
-    debug = _run(["--debug", "inspect", str(path)], env)  # --debug keeps them
-    assert debug.returncode == 0
+
+
+def test_cli_on_jax_reading_h5_prints_no_tensorflow_lines(tmp_path):
+    """Keras imports TensorFlow to read a .h5 file on any backend when it is installed."""
+    _tensorflow_suite_only()
+    pytest.importorskip("jax")
+    from conftest import mlp
+
+    path = tmp_path / "m.h5"
+    mlp().save(path)
+    env = _env(tmp_path, keras_backend="jax")
+    env.pop("TF_CPP_MIN_LOG_LEVEL")
+    out = _run(["inspect", str(path)], env)
+    assert out.returncode == 0 and "Dense" in out.stdout
+    assert out.stderr == "", out.stderr
+    # --debug keeps whatever TensorFlow prints (what it prints depends on the machine)
+    assert _run(["--debug", "inspect", str(path)], env).returncode == 0

@@ -10,6 +10,7 @@ CLI therefore falls back to an installed backend and says so in one line; an exp
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from kmerge.errors import KmergeError
 
-__all__ = ["BACKENDS", "choose_backend", "configured_backend", "import_quietly"]
+__all__ = ["BACKENDS", "choose_backend", "configured_backend", "quiet_tensorflow_import"]
 
 #: Backend name -> the module it needs, in the order kmerge prefers them.
 BACKENDS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
@@ -82,22 +83,64 @@ def choose_backend(note=lambda text: print(text, file=sys.stderr)) -> str | None
         "pip install 'kmerge[jax]' (or [tensorflow] / [torch])")
 
 
-def import_quietly(backend: str | None) -> None:
-    """Import TensorFlow (``backend == "tensorflow"``) with the process's stderr (file
-    descriptor 2) pointed at ``/dev/null``; other backends: nothing is done.
+def quiet_tensorflow_import() -> None:
+    """Make TensorFlow's first import, whenever it happens, run with the process's stderr
+    (file descriptor 2) pointed at ``/dev/null``.
 
     TensorFlow's C++ libraries write log lines while they load (absl's ``WARNING: All log
     messages before absl::InitializeLog() is called ...``, oneDNN's and the CPU feature guard's
-    ``I0000`` notes) that ``TF_CPP_MIN_LOG_LEVEL`` does not silence: four lines before every
-    command's output that are not kmerge's and that no user action clears. The command line
-    calls this before Keras is imported (not ``--debug``); an import error still raises, after
-    stderr is back."""
-    if backend != "tensorflow" or "tensorflow" in sys.modules:
+    ``I0000`` notes) that ``TF_CPP_MIN_LOG_LEVEL`` does not silence. Keras imports TensorFlow
+    on the tensorflow backend, and on every backend when it reads a Keras 2 ``.h5`` file (if
+    TensorFlow is installed): two to four lines before a command's output that are not
+    kmerge's and that no user action clears. The command line calls this first (not with
+    ``--debug``); nothing is imported here, and an import error still raises, after stderr is
+    back. A no-op when TensorFlow is imported already or not installed."""
+    if "tensorflow" in sys.modules or any(isinstance(f, _QuietTensorFlow) for f in sys.meta_path):
         return
+    sys.meta_path.insert(0, _QuietTensorFlow())
+
+
+class _QuietTensorFlow:
+    """A meta path finder for the top-level ``tensorflow`` package only: the real spec, with
+    a loader that runs the package's code (where the native libraries load) with fd 2
+    silenced. Removes itself on first use."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _SilencedLoader(spec.loader)
+        return spec
+
+
+class _SilencedLoader:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __getattr__(self, attr):  # get_resource_reader, is_package, ...: the real loader's
+        return getattr(self.loader, attr)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        with _stderr_silenced():
+            self.loader.exec_module(module)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
     try:
         sys.stderr.flush()
         saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no real stderr (embedded): import as is
+    except (OSError, ValueError, AttributeError):  # no real stderr (embedded): as it is
+        yield
         return
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -105,7 +148,7 @@ def import_quietly(backend: str | None) -> None:
             os.dup2(devnull, 2)
         finally:
             os.close(devnull)
-        import tensorflow  # noqa: F401
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -76,11 +76,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
     try:
         if args.command not in _KERAS_FREE:
-            from kmerge._backend import choose_backend, configured_backend, import_quietly
+            from kmerge._backend import choose_backend, quiet_tensorflow_import
 
             choose_backend()  # an installed backend, whatever keras.json says (one-line note)
-            if not args.debug:  # TensorFlow's native log lines while it loads
-                import_quietly(configured_backend()[0])
+            if not args.debug:  # TensorFlow's native log lines when (if) it loads
+                quiet_tensorflow_import()
         code = _COMMANDS[args.command](args, echo)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
