@@ -348,3 +348,24 @@ def test_cli_stream_with_data_writes_nothing_when_a_check_fails(digit_files, tmp
                                  "--data", "digits"])
     assert code == 1 and "holds weights only" in stderr, stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_run_says_a_collapsed_weights_step_in_one_warning_line(digit_files, tmp_path):
+    """``kmerge run``: kmerge's warnings from a step are ``warning: steps[i] (kind): ...``
+    lines, not Python's ``path:line: MergeCollapseWarning`` with a source line."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        models:
+          a: {{path: {digit_files / 'a.keras'}}}
+          p: {{path: {digit_files / 'permuted.keras'}}}
+        data: {{source: "sklearn:digits"}}
+        steps:
+          - {{name: soup, kind: weights, models: [a, p], method: linear}}
+          - {{kind: evaluate, models: [a, soup]}}
+        """))
+    code, stdout, stderr = _cli(["run", str(recipe), "-q"])
+    assert code == 0, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("warning: steps[0] (weights): the linear merge collapsed"), stderr
+    assert "soup" in stdout  # the evaluation table still prints

@@ -12,6 +12,7 @@ result depends on its inputs and the seed, not on which steps ran before it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kmerge._warnings import routed
 from kmerge.errors import InvalidArgumentError, RecipeError
 from kmerge.metadata import meta_of
 from kmerge.recipe import BUILDS, DataSpec, HeadSpec, Recipe
@@ -450,8 +452,10 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
         for i, step in enumerate(recipe.steps):
             t0 = time.perf_counter()
             seed_step(seed)
-            name = _step(i, step, models, data, result, echo, staged, targets,
-                         show=show or echo)
+            with routed(warn, f"steps[{i}] ({step.kind}): ") if warn is not None else \
+                    contextlib.nullcontext():  # the CLI: kmerge's warnings as its lines
+                name = _step(i, step, models, data, result, echo, staged, targets,
+                             show=show or echo)
             builds = step.kind in BUILDS
             if builds:
                 result.final = name

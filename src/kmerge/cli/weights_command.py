@@ -3,9 +3,6 @@ the method and options allow, else of the loaded models."""
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-
 from kmerge.cli.common import (
     check_output,
     check_sources,
@@ -13,7 +10,6 @@ from kmerge.cli.common import (
     load_data,
     load_one,
     model_arg,
-    one_line,
     parse_params,
     parse_weights,
     source_names,
@@ -45,18 +41,11 @@ def _stream_plan(args) -> tuple[bool, str | None]:
     return (not needs), ("; ".join(needs) or None)
 
 
-@contextlib.contextmanager
 def _warnings_as_lines():
-    """kmerge's own warnings raised inside (a collapsed merge) as ``warning:`` lines; others
-    as they were."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        if type(w.message).__module__.startswith("kmerge"):
-            warn(one_line(w.message))
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    """kmerge's own warnings raised inside (a collapsed merge) as ``warning:`` lines."""
+    from kmerge._warnings import routed
+
+    return routed(warn)
 
 
 def _stream_checked(args, data, weights, params: dict, sources: dict):

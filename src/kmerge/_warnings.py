@@ -1,0 +1,31 @@
+"""kmerge's own warnings as lines for the command line and recipe runs.
+
+A Python warning prints as ``/path/to/kmerge/runner.py:704: MergeCollapseWarning: ...``
+followed by a source line; the CLI prints ``warning: ...`` instead (one line, no path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+
+
+@contextlib.contextmanager
+def routed(warn: Callable[[str], None], prefix: str = "") -> Iterator[None]:
+    """Inside, warnings raised by kmerge's modules go to ``warn(prefix + one line)``; other
+    warnings are re-emitted as they were (the caller's filters apply). Also when the body
+    raises: what was warned before the error is still said."""
+    pending: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pending = caught
+            yield
+    finally:
+        for w in pending:
+            if type(w.message).__module__.startswith("kmerge"):
+                text = "; ".join(ln.strip() for ln in str(w.message).splitlines() if ln.strip())
+                warn(prefix + text)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
