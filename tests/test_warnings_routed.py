@@ -26,3 +26,14 @@ def test_what_was_warned_before_an_error_is_still_said():
             warnings.warn("collapsed", MergeCollapseWarning, stacklevel=1)
             raise ValueError("later")
     assert lines == ["collapsed"]
+
+
+def test_a_warning_repeated_in_a_loop_is_said_once():
+    lines: list[str] = []
+    with pytest.warns(RuntimeWarning) as record:
+        with routed(lines.append):
+            for _ in range(5):
+                warnings.warn("per batch", RuntimeWarning, stacklevel=1)
+                warnings.warn("collapsed", MergeCollapseWarning, stacklevel=1)
+    assert lines == ["collapsed"]
+    assert [str(w.message) for w in record] == ["per batch"]

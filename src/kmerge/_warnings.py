@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator
 @contextlib.contextmanager
 def routed(warn: Callable[[str], None], prefix: str = "") -> Iterator[None]:
     """Inside, warnings raised by kmerge's modules go to ``warn(prefix + one line)``; other
-    warnings are re-emitted as they were (the caller's filters apply). Also when the body
-    raises: what was warned before the error is still said."""
+    warnings are re-emitted as they were (the caller's filters apply). Each distinct warning
+    (text, category and place) is said once, as Python's default filter does: a warning
+    raised in a training loop is not repeated per batch. Also when the body raises: what was
+    warned before the error is still said."""
     pending: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -23,7 +25,12 @@ def routed(warn: Callable[[str], None], prefix: str = "") -> Iterator[None]:
             pending = caught
             yield
     finally:
+        seen: set = set()
         for w in pending:
+            key = (w.category, str(w.message), w.filename, w.lineno)
+            if key in seen:
+                continue
+            seen.add(key)
             if type(w.message).__module__.startswith("kmerge"):
                 text = "; ".join(ln.strip() for ln in str(w.message).splitlines() if ln.strip())
                 warn(prefix + text)

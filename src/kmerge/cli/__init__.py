@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from kmerge._warnings import routed
 from kmerge.cli import (
     info_commands,
     merge_commands,
@@ -24,7 +25,15 @@ from kmerge.cli import (
     recipe_commands,
     weights_command,
 )
-from kmerge.cli.common import HEADS, model_arg, one_line, parse_head, parse_params, parse_weights
+from kmerge.cli.common import (
+    HEADS,
+    model_arg,
+    one_line,
+    parse_head,
+    parse_params,
+    parse_weights,
+    warn,
+)
 from kmerge.cli.info_commands import COMBINE_DESCRIPTIONS, descriptions
 from kmerge.cli.merge_commands import untrained_parts
 from kmerge.cli.parser import build_parser
@@ -81,7 +90,8 @@ def _main(argv: Sequence[str] | None) -> int:
             choose_backend()  # an installed backend, whatever keras.json says (one-line note)
             if not args.debug:  # TensorFlow's native log lines when (if) it loads
                 quiet_tensorflow_import()
-        code = _COMMANDS[args.command](args, echo)
+        with routed(warn):  # kmerge's own warnings as one 'warning: ...' line each
+            code = _COMMANDS[args.command](args, echo)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
     except KmergeError as exc:

@@ -13,7 +13,6 @@ from kmerge.cli.common import (
     parse_params,
     parse_weights,
     source_names,
-    warn,
 )
 from kmerge.errors import InvalidArgumentError
 
@@ -39,13 +38,6 @@ def _stream_plan(args) -> tuple[bool, str | None]:
         (args.align is not None, "--align permutes the loaded models"),
         (args.repair is not None, "--repair runs the merged model on data")] if cond]
     return (not needs), ("; ".join(needs) or None)
-
-
-def _warnings_as_lines():
-    """kmerge's own warnings raised inside (a collapsed merge) as ``warning:`` lines."""
-    from kmerge._warnings import routed
-
-    return routed(warn)
 
 
 def _stream_checked(args, data, weights, params: dict, sources: dict):
@@ -75,9 +67,8 @@ def _stream_checked(args, data, weights, params: dict, sources: dict):
                             weights=weights, overwrite=True, **params)
         merged = load_one(tmp)
         models = {n: load_one(p) for n, p in sources.items()}
-        with _warnings_as_lines():
-            checks = result_checks(merged, list(models.values()), list(models), args.method,
-                                   data.x_train, data.y_train)
+        checks = result_checks(merged, list(models.values()), list(models), args.method,
+                               data.x_train, data.y_train)
         # recorded in the file beside the stream's own records, as a merge in memory has them
         attach(merged, {**(meta_of(merged) or {}), **checks})
         out = kmerge.save(merged, args.output, overwrite=args.overwrite)
@@ -120,10 +111,9 @@ def _weights(args, echo) -> int:
     models = {n: load_one(p) for n, p in sources.items()}
     base = load_one(args.base) if args.base else None
     train = (data.x_train, data.y_train) if data is not None else None
-    with _warnings_as_lines():
-        m = kmerge.merge_weights(list(models.values()), method=args.method, base=base,
-                                 weights=weights, align=args.align, repair=args.repair,
-                                 data=train, **params)
+    m = kmerge.merge_weights(list(models.values()), method=args.method, base=base,
+                             weights=weights, align=args.align, repair=args.repair, data=train,
+                             **params)
     if data is not None:
         evaluate(m, models, data, "merged")
     echo(f"saved {kmerge.save(m, args.output, overwrite=args.overwrite)}")
