@@ -402,8 +402,8 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
         echo: Progress lines.
         out: ``kmerge run -o``: an existing folder for the saves (file names kept).
         report: A folder for ``write_report`` on the test data.
-        warn: Warning lines (models loaded with ``safe_mode: false``); default
-            :func:`warnings.warn`.
+        warn: Warning lines (models loaded with ``safe_mode: false``; kmerge's warnings
+            raised by a step, as ``steps[i] (kind): ...``); default: Python warnings.
         final: The model the report is about (a source or a step's name); default: the
             model of the last step that builds one (the last source when none does).
         show: Results (verify reports, evaluation tables); default ``echo``. The CLI prints
@@ -452,8 +452,9 @@ def run(recipe: Recipe, *, echo: Callable[[str], None] = print, out: str | Path 
         for i, step in enumerate(recipe.steps):
             t0 = time.perf_counter()
             seed_step(seed)
-            with routed(warn, f"steps[{i}] ({step.kind}): ") if warn is not None else \
-                    contextlib.nullcontext():  # the CLI: kmerge's warnings as its lines
+            said = (routed(warn, f"steps[{i}] ({step.kind}): ") if warn is not None
+                    else contextlib.nullcontext())  # warn given: kmerge's warnings as lines
+            with said:
                 name = _step(i, step, models, data, result, echo, staged, targets,
                              show=show or echo)
             builds = step.kind in BUILDS
