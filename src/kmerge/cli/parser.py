@@ -29,34 +29,24 @@ def _global_options(subcommand: bool) -> argparse.ArgumentParser:
     return g
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+def _checked(cast, ok, kind: str, need: str):
+    """An argparse ``type``: ``cast(text)``, which must satisfy ``ok`` (messages name the
+    text, ``kind`` when it does not parse and ``need`` when it is out of range)."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {need}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "an integer", "at least 1")
+_seed = _checked(int, lambda v: v >= 0, "an integer", "0 or more")
+_fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "a number", "in [0, 1)")
 
 
 def _data_args(sp: argparse.ArgumentParser, *, train: bool) -> None:
