@@ -124,8 +124,9 @@ def configure() -> Path | None:
                "ignore:Error reading persistent compilation cache entry:UserWarning",
                "ignore:Error writing persistent compilation cache entry:UserWarning"])))}
     prune(path)
-    for key, value in env.items():
-        os.environ[key] = os.environ.get(key, value) if key != "PYTHONWARNINGS" else value
+    for key, value in env.items():  # subprocesses inherit them; the caller's own win
+        os.environ.setdefault(key, value)
+    os.environ["PYTHONWARNINGS"] = env["PYTHONWARNINGS"]  # the caller's entries kept in it
     try:
         import jax
     except ImportError:

@@ -1,4 +1,4 @@
-"""kmerge's own warnings as lines for the command line and recipe runs.
+"""kmerge's own warnings (and errors) as one line each, for the command line and recipe runs.
 
 A Python warning prints as ``/path/to/kmerge/runner.py:704: MergeCollapseWarning: ...``
 followed by a source line; the CLI prints ``warning: ...`` instead (one line, no path).
@@ -9,6 +9,11 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
+
+
+def one_line(message: object) -> str:
+    """A (multi-line) message or exception as one line, its lines joined with ``; ``."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 @contextlib.contextmanager
@@ -32,7 +37,6 @@ def routed(warn: Callable[[str], None], prefix: str = "") -> Iterator[None]:
                 continue
             seen.add(key)
             if type(w.message).__module__.startswith("kmerge"):
-                text = "; ".join(ln.strip() for ln in str(w.message).splitlines() if ln.strip())
-                warn(prefix + text)
+                warn(prefix + one_line(w.message))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from kmerge._warnings import routed
+from kmerge._warnings import one_line, routed
 from kmerge.cli import (
     info_commands,
     merge_commands,
@@ -28,7 +28,6 @@ from kmerge.cli import (
 from kmerge.cli.common import (
     HEADS,
     model_arg,
-    one_line,
     parse_head,
     parse_params,
     parse_weights,

@@ -238,7 +238,3 @@ def evaluate(model, sources: dict, data, label: str) -> None:
 def warn(text: str) -> None:
     """A warning line on stderr (also under --quiet)."""
     print(f"warning: {text}", file=sys.stderr)
-
-
-def one_line(exc: BaseException) -> str:
-    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
